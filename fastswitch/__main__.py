@@ -1,0 +1,5 @@
+import sys
+
+from fastswitch.cli import main
+
+sys.exit(main())

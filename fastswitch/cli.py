@@ -1,0 +1,95 @@
+"""The `fastswitch` command. Bad input ends with a one-line message and exit code 2."""
+
+import argparse
+import logging
+import sys
+import time
+
+from fastswitch.config import EngineConfig
+from fastswitch.llm import LLM
+from fastswitch.model.config import ModelError
+from fastswitch.model.demo import ARCHS, SIZES, write_demo_model
+from fastswitch.sampling import SamplingParams
+
+DEMO_PROMPTS = [
+    "The quick brown fox",
+    "Return the number of items in a container.",
+    [{"role": "user", "content": "What does a context switch cost?"}],
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, ModelError, MemoryError) as error:
+        parser.exit(2, f"fastswitch: error: {error}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastswitch", description="FastSwitch LLM serving engine.")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo-model", help="write a random-weight demo model folder",
+                               description="Write a deterministic random-weight model in Hugging Face format, "
+                                           "with FastSwitch's tokenizer and a chat template.")
+    demo.add_argument("dir", help="folder to write (created if missing)")
+    demo.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture (default: llama)")
+    demo.add_argument("--size", default="tiny", choices=list(SIZES),
+                      help="tiny: a few MB, for tests; 0.5b: Qwen2-0.5B's shape (default: tiny)")
+    demo.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+    demo.set_defaults(func=_demo_model)
+
+    gen = commands.add_parser("generate", help="generate completions offline",
+                              description="Generate completions for the given prompts (or a few demo prompts).")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: demo prompts)")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
+    sampling.add_argument("--min-tokens", type=int, default=0, help="tokens to generate before EOS or stop counts")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
+    sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    sampling.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
+    sampling.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
+    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    EngineConfig.add_cli_args(gen)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def _demo_model(args) -> int:
+    path = write_demo_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
+    print(f"wrote {args.arch} {args.size} demo model to {path}")
+    return 0
+
+
+def _generate(args) -> int:
+    params = SamplingParams(
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    prompts = args.prompt or DEMO_PROMPTS
+    if args.chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    llm = LLM(**vars(EngineConfig.from_cli_args(args)))
+    start = time.monotonic()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.monotonic() - start
+    for prompt, out in zip(prompts, outputs):
+        print(f"--- prompt: {prompt!r}\n{out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}]")
+    total = sum(len(o.token_ids) for o in outputs)
+    print(f"--- {len(outputs)} requests, {total} tokens in {elapsed:.2f} s ({total / elapsed:.1f} tok/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

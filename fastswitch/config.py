@@ -1,0 +1,67 @@
+"""Engine options: one name each, the same as a Python keyword and (with dashes) on the command line."""
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_CACHE_BYTES = 1 << 30
+GPU_KV_CACHE_FRACTION = 0.8
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = _opt(None, "Hugging Face model folder (config.json, *.safetensors, tokenizer.json); "
+                                   "default: the built-in tiny demo model")
+    dtype: str = _opt("bfloat16", "weights and KV cache dtype; 'auto' takes the model's own",
+                      choices=["auto", *DTYPES])
+    device: str = _opt("auto", "'cuda', 'cpu', or 'auto' (cuda when available)")
+    block_size: int = _opt(16, "tokens per KV block")
+    max_model_len: int | None = _opt(None, "context limit (prompt + output); default: the model's")
+    max_num_seqs: int = _opt(256, "most requests in one iteration's batch")
+    max_num_batched_tokens: int = _opt(2048, "token budget of one iteration; longer prompts are prefilled in chunks")
+    num_kv_blocks: int | None = _opt(None, "size of the device KV pool in blocks (overrides kv_cache_memory_bytes)")
+    kv_cache_memory_bytes: int | None = _opt(None, "device KV pool size in bytes; default: 1 GiB on CPU, "
+                                                   f"{GPU_KV_CACHE_FRACTION:.0%} of free memory on CUDA")
+    seed: int = _opt(0, "seed of the sampler for requests without their own seed")
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"invalid dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"invalid device {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but CUDA is not available")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+                     "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
+
+    def torch_dtype(self, model_dtype: str) -> torch.dtype:
+        return DTYPES[model_dtype if self.dtype == "auto" else self.dtype]
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("engine options")
+        for f in fields(cls):
+            kind = int if "int" in str(f.type) else str
+            group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                               choices=f.metadata.get("choices"), help=f.metadata["help"] + _default_text(f))
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _default_text(f) -> str:
+    return "" if f.default in (None, MISSING) else f" (default: {f.default})"

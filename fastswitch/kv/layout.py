@@ -1,0 +1,23 @@
+"""The device KV pool in block-major layout: [num_blocks, num_layers, 2, block_size, kv_heads, head_dim].
+
+One block holds K and V of `block_size` tokens for every layer, side by side, so a run of contiguous
+blocks is one contiguous byte range: a swap of it is a single copy for the whole model.
+"""
+
+import torch
+
+
+class KVPool:
+    def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # zeros, not empty: padded attention reads unused slots, and 0 * NaN would poison the output
+        self.data = torch.zeros((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (K, V) views shaped [num_blocks, block_size, kv_heads, head_dim]."""
+        return [(self.data[:, i, 0], self.data[:, i, 1]) for i in range(self.data.shape[1])]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
