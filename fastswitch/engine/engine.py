@@ -15,6 +15,7 @@ import torch
 from fastswitch.config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_FRACTION, EngineConfig
 from fastswitch.engine.request import Request, RequestOutput, Status
 from fastswitch.engine.scheduler import Scheduler
+from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.allocator import BlockAllocator
 from fastswitch.kv.layout import KVPool
 from fastswitch.model.config import ModelConfig
@@ -45,6 +46,7 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
         self._ids = itertools.count()
         log.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, context limit %d",
                  self.model_config.arch, self.dtype, device, num_blocks, config.block_size, self.max_model_len)
@@ -75,23 +77,32 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model, and report every request that produced a token."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
         now = time.monotonic()
         for request, _ in batch.scheduled:
             request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
+        model_start = time.perf_counter()
         samples = self.runner.run(batch.scheduled, list(self.model_config.eos_token_ids))
+        model_time = time.perf_counter() - model_start
         now = time.monotonic()
         outputs = []
         for (request, n), sample in zip(batch.scheduled, samples):
             request.num_computed_tokens += n
+            self.stats.computed_tokens += n
             if sample is None:
                 continue
+            self.stats.generated_tokens += 1
             self._append_token(request, sample.token_id, sample.logprobs, now)
             outputs.append(request.output(holdback=max(map(len, request.params.stop), default=1) - 1))
             if request.finished:
                 del self.requests[request.request_id]
+        self.stats.iterations += 1
+        self.stats.preemptions += len(batch.preempted)
+        self.stats.model_time_s += model_time
+        self.stats.step_time_s += time.perf_counter() - start
         return outputs
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:

@@ -62,10 +62,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the batch's positions, [T, 1, head_dim], shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,14 +89,14 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, positions, rope, kv_layer, meta: AttentionMetadata):
+    def forward(self, x, rope, kv_layer, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = paged_attention(q, k, v, kv_layer[0], kv_layer[1], meta, self.scale)
         return self.o_proj(o.flatten(1))
 
@@ -117,8 +120,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, kv_layer, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta)
+    def forward(self, x, rope, kv_layer, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,8 +138,9 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_layers, meta: AttentionMetadata) -> torch.Tensor:
         """Flat batch in, final hidden states out ([T, hidden]). kv_layers[i] is layer i's (K, V) pool."""
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rope(positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_layers):
-            x = layer(x, positions, self.rope, kv_layer, meta)
+            x = layer(x, rope, kv_layer, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

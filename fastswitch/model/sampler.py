@@ -38,7 +38,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
         raw = logits
-        logits = self._penalize(logits.clone(), rows)
+        if any(r.params.has_penalties or len(r.output_token_ids) < r.params.min_tokens for r in rows):
+            logits = self._penalize(logits.clone(), rows)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:

@@ -1,0 +1,21 @@
+"""Engine-wide counters, cumulative since start: what benchmarks and metrics read."""
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EngineStats:
+    iterations: int = 0
+    step_time_s: float = 0.0  # wall time inside step()
+    model_time_s: float = 0.0  # of which: forward pass and sampling
+    computed_tokens: int = 0  # tokens run through the model: prompts, recomputation, decodes
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+    @property
+    def overhead_per_iteration_s(self) -> float:
+        """Engine time outside the model (scheduling, bookkeeping, detokenizing) per iteration."""
+        return (self.step_time_s - self.model_time_s) / max(self.iterations, 1)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "overhead_per_iteration_s": self.overhead_per_iteration_s}
