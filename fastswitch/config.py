@@ -56,7 +56,8 @@ class EngineConfig:
         for f in fields(cls):
             kind = int if "int" in str(f.type) else str
             group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                               choices=f.metadata.get("choices"), help=f.metadata["help"] + _default_text(f))
+                               choices=f.metadata.get("choices"),
+                               help=(f.metadata["help"] + _default_text(f)).replace("%", "%%"))
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineConfig":

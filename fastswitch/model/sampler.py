@@ -61,7 +61,7 @@ class Sampler:
             counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
             if p.repetition_penalty != 1:
                 seen = counts > 0
-                seen[torch.tensor(r.prompt_token_ids, device=logits.device)] = True
+                seen[torch.tensor(r.prompt_token_ids, dtype=torch.long, device=logits.device)] = True
                 row = logits[i]
                 penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
                 logits[i] = torch.where(seen, penalized, row)

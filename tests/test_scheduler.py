@@ -1,0 +1,95 @@
+"""Continuous batching invariants, checked on random workloads without a model."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastswitch.engine.request import Request, Status
+from fastswitch.engine.scheduler import Scheduler
+from fastswitch.kv.allocator import BlockAllocator
+from fastswitch.sampling import SamplingParams
+
+BLOCK = 4
+
+
+def make_request(i: int, prompt_len: int, max_tokens: int) -> Request:
+    return Request(f"r{i}", None, [7] * prompt_len, SamplingParams(max_tokens=max_tokens), 0.0, detokenizer=None)
+
+
+def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_blocks: int):
+    assert sum(n for _, n in out.scheduled) <= budget
+    assert len(scheduler.running) <= max_seqs
+    held = [b for r in scheduler.running for b in r.block_ids]
+    assert len(held) == len(set(held)), "a block is held twice"
+    assert len(held) + scheduler.allocator.num_free == num_blocks, "blocks leaked"
+    assert all(not r.block_ids and r.num_computed_tokens == 0 for r in scheduler.waiting)
+    for request, n in out.scheduled:
+        assert request.status == Status.RUNNING and n >= 1
+        assert request.num_computed_tokens + n <= request.num_tokens
+        assert len(request.block_ids) * BLOCK >= request.num_computed_tokens + n
+
+
+def advance(scheduler: Scheduler, out) -> list[Request]:
+    """What the engine does after the forward pass: count computed tokens, append a token, finish."""
+    finished = []
+    for request, n in out.scheduled:
+        request.num_computed_tokens += n
+        if request.num_computed_tokens == request.num_tokens:
+            request.token_ids.append(1)
+            if request.num_output_tokens == request.params.max_tokens:
+                scheduler.finish(request)
+                finished.append(request)
+    return finished
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 30)), min_size=1, max_size=12),
+    num_blocks=st.integers(18, 60),
+    budget=st.integers(1, 48),
+    max_seqs=st.integers(1, 6),
+)
+def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max_seqs):
+    scheduler = Scheduler(BlockAllocator(num_blocks), BLOCK, max_seqs, budget)
+    arrivals = sorted((arrive, i, make_request(i, p, m)) for i, (p, m, arrive) in enumerate(sizes))
+    pending, finished = list(arrivals), []
+    for step in range(5000):
+        while pending and pending[0][0] <= step:
+            scheduler.add(pending.pop(0)[2])
+        out = scheduler.schedule()
+        check_invariants(scheduler, out, budget, max_seqs, num_blocks)
+        finished += advance(scheduler, out)
+        if not pending and not scheduler.has_unfinished():
+            break
+    assert len(finished) == len(sizes), "a request never finished"
+    assert all(r.num_output_tokens == r.params.max_tokens for r in finished)
+    assert scheduler.allocator.num_free == num_blocks
+
+
+def test_decodes_keep_running_while_a_long_prompt_is_chunked():
+    scheduler = Scheduler(BlockAllocator(100), BLOCK, max_num_seqs=4, max_num_batched_tokens=16)
+    decoding = make_request(0, 8, 50)
+    scheduler.add(decoding)
+    advance(scheduler, scheduler.schedule())
+    scheduler.add(make_request(1, 100, 5))
+    chunks = []
+    for _ in range(7):
+        out = scheduler.schedule()
+        scheduled = dict((r.request_id, n) for r, n in out.scheduled)
+        assert scheduled["r0"] == 1, "the decode was stalled"
+        chunks.append(scheduled.get("r1", 0))
+        advance(scheduler, out)
+    assert chunks == [15] * 6 + [10]  # 100 prompt tokens, 15 a step beside the decode
+
+
+def test_when_memory_runs_out_the_latest_request_is_recomputed_later():
+    scheduler = Scheduler(BlockAllocator(4), BLOCK, max_num_seqs=4, max_num_batched_tokens=64)
+    first, second = make_request(0, 7, 20), make_request(1, 7, 20)
+    scheduler.add(first)
+    scheduler.add(second)
+    advance(scheduler, scheduler.schedule())  # both prefilled: 2 blocks each, pool full
+    advance(scheduler, scheduler.schedule())  # the 8th tokens still fit
+    out = scheduler.schedule()  # first needs a third block for its 9th: second is preempted
+    assert out.preempted == [second] and [r for r, _ in out.scheduled] == [first]
+    assert second.status == Status.WAITING and second.num_computed_tokens == 0 and not second.block_ids
+    assert second.metrics.num_preemptions == 1
+    assert scheduler.waiting[0] is second
