@@ -14,4 +14,5 @@ test: install
 	$(PYTHON) -m pytest
 
 bench: install
+	$(PYTHON) -m pip install -q -e '.[bench]'
 	$(PYTHON) benchmarks/offline_throughput.py
