@@ -17,6 +17,8 @@ from fastswitch.kv.allocator import BlockAllocator
 
 log = logging.getLogger(__name__)
 
+GROWTH_HORIZON = 256  # output tokens a request's block group is sized for, at most
+
 
 @dataclass
 class SchedulerOutput:
@@ -48,7 +50,7 @@ class Scheduler:
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if self._make_room(request, n, scheduled, preempted):
-                request.block_ids += self.allocator.allocate(self._blocks_needed(request, n))
+                self._grow(request, n)
                 scheduled.append((request, n))
                 budget -= n
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -58,7 +60,7 @@ class Scheduler:
             if not self.allocator.can_allocate(need):
                 break
             self.waiting.popleft()
-            request.block_ids += self.allocator.allocate(need)
+            self._grow(request, n)
             request.status = Status.RUNNING
             self.running.append(request)
             scheduled.append((request, n))
@@ -71,9 +73,21 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._release_blocks(request)
+        request.status = Status.FINISHED
+
+    def _grow(self, request: Request, n: int) -> None:
+        """Blocks for n more tokens, in a group sized to what the request will likely need soon."""
+        to_come = request.num_tokens - request.num_computed_tokens - n
+        to_come += min(GROWTH_HORIZON, (request.params.max_tokens or GROWTH_HORIZON) - request.num_output_tokens)
+        request.block_ids += self.allocator.allocate(
+            self._blocks_needed(request, n), owner=request.request_id,
+            after=request.block_ids[-1] if request.block_ids else None, expected=-(-to_come // self.block_size))
+
+    def _release_blocks(self, request: Request) -> None:
+        self.allocator.drop_reserve(request.request_id)
         self.allocator.free(request.block_ids)
         request.block_ids = []
-        request.status = Status.FINISHED
 
     def _blocks_needed(self, request: Request, n: int) -> int:
         tokens = request.num_computed_tokens + n
@@ -92,8 +106,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.allocator.free(request.block_ids)
-        request.block_ids = []
+        self._release_blocks(request)
         request.num_computed_tokens = 0
         request.status = Status.WAITING
         request.metrics.num_preemptions += 1
