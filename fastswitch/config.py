@@ -28,6 +28,13 @@ class EngineConfig:
     num_kv_blocks: int | None = _opt(None, "size of the device KV pool in blocks (overrides kv_cache_memory_bytes)")
     kv_cache_memory_bytes: int | None = _opt(None, "device KV pool size in bytes; default: 1 GiB on CPU, "
                                                    f"{GPU_KV_CACHE_FRACTION:.0%} of free memory on CUDA")
+    swap_space: float = _opt(4.0, "host KV tier size in GiB (pinned memory on CUDA), where paused requests' KV goes")
+    swap_mode: str = _opt("fastswitch", "'fastswitch': coalesced copies off the compute path, host copies reused; "
+                                        "'baseline': vLLM V0's per-block, per-layer synchronous copies",
+                          choices=["fastswitch", "baseline"])
+    preemption_mode: str = _opt("swap", "how a request is paused when memory runs out: 'swap' its KV to the host "
+                                        "(recompute if the host is full) or 'recompute' it later",
+                                choices=["swap", "recompute"])
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
 
     def __post_init__(self):
@@ -46,6 +53,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
+        if not self.swap_space >= 0:
+            raise ValueError(f"invalid swap_space={self.swap_space!r}: must be >= 0 GiB")
 
     def torch_dtype(self, model_dtype: str) -> torch.dtype:
         return DTYPES[model_dtype if self.dtype == "auto" else self.dtype]
@@ -54,7 +63,7 @@ class EngineConfig:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("engine options")
         for f in fields(cls):
-            kind = int if "int" in str(f.type) else str
+            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
             group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                                choices=f.metadata.get("choices"),
                                help=(f.metadata["help"] + _default_text(f)).replace("%", "%%"))

@@ -38,13 +38,13 @@ def test_greedy_matches_transformers(model, run, model_dirs, prompts, references
         assert out.finish_reason == "length"
     if "tight" in run:
         assert sum(o.metrics.num_preemptions for o in outputs) > 0, "the tight pool should force preemption"
-    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+    assert llm.engine.kv.device.num_free == llm.engine.kv.num_blocks
 
 
 def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tensor:
     """Prompt logits at every position, computing the prompt in the given chunk sizes."""
     request = Request("r", None, prompt, SamplingParams(), 0.0, IncrementalDetokenizer(engine.tokenizer, prompt, True))
-    request.block_ids = engine.allocator.allocate(-(-len(prompt) // engine.config.block_size))
+    request.block_ids = engine.kv.device.allocate(-(-len(prompt) // engine.config.block_size))
     runner, pieces = engine.runner, []
     with torch.inference_mode():
         for n in chunks:
@@ -52,7 +52,7 @@ def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tenso
             hidden = runner.model(ids, positions, runner.kv_layers, meta)
             pieces.append(runner.model.compute_logits(hidden))
             request.num_computed_tokens += n
-    engine.allocator.free(request.block_ids)
+    engine.kv.device.free(request.block_ids)
     return torch.cat(pieces)
 
 

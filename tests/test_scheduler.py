@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from fastswitch.engine.request import Request, Status
 from fastswitch.engine.scheduler import Scheduler
-from fastswitch.kv.allocator import BlockAllocator
+from fastswitch.engine.stats import EngineStats
+from fastswitch.kv.manager import KVManager
 from fastswitch.sampling import SamplingParams
 
 BLOCK = 4
@@ -20,7 +21,7 @@ def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_
     assert len(scheduler.running) <= max_seqs
     held = [b for r in scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held)), "a block is held twice"
-    assert len(held) + scheduler.allocator.num_free == num_blocks, "blocks leaked"
+    assert len(held) + scheduler.kv.device.num_free == num_blocks, "blocks leaked"
     assert all(not r.block_ids and r.num_computed_tokens == 0 for r in scheduler.waiting)
     for request, n in out.scheduled:
         assert request.status == Status.RUNNING and n >= 1
@@ -49,7 +50,7 @@ def advance(scheduler: Scheduler, out) -> list[Request]:
     max_seqs=st.integers(1, 6),
 )
 def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max_seqs):
-    scheduler = Scheduler(BlockAllocator(num_blocks), BLOCK, max_seqs, budget)
+    scheduler = Scheduler(KVManager(num_blocks, 0, BLOCK, EngineStats()), max_seqs, budget)
     arrivals = sorted((arrive, i, make_request(i, p, m)) for i, (p, m, arrive) in enumerate(sizes))
     pending, finished = list(arrivals), []
     for step in range(5000):
@@ -62,11 +63,11 @@ def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max
             break
     assert len(finished) == len(sizes), "a request never finished"
     assert all(r.num_output_tokens == r.params.max_tokens for r in finished)
-    assert scheduler.allocator.num_free == num_blocks
+    assert scheduler.kv.device.num_free == num_blocks
 
 
 def test_decodes_keep_running_while_a_long_prompt_is_chunked():
-    scheduler = Scheduler(BlockAllocator(100), BLOCK, max_num_seqs=4, max_num_batched_tokens=16)
+    scheduler = Scheduler(KVManager(100, 0, BLOCK, EngineStats()), max_num_seqs=4, max_num_batched_tokens=16)
     decoding = make_request(0, 8, 50)
     scheduler.add(decoding)
     advance(scheduler, scheduler.schedule())
@@ -82,7 +83,7 @@ def test_decodes_keep_running_while_a_long_prompt_is_chunked():
 
 
 def test_when_memory_runs_out_the_latest_request_is_recomputed_later():
-    scheduler = Scheduler(BlockAllocator(4), BLOCK, max_num_seqs=4, max_num_batched_tokens=64)
+    scheduler = Scheduler(KVManager(4, 0, BLOCK, EngineStats()), max_num_seqs=4, max_num_batched_tokens=64)
     first, second = make_request(0, 7, 20), make_request(1, 7, 20)
     scheduler.add(first)
     scheduler.add(second)

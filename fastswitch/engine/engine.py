@@ -16,8 +16,9 @@ from fastswitch.config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_FRACTION, EngineC
 from fastswitch.engine.request import Request, RequestOutput, Status
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.engine.stats import EngineStats
-from fastswitch.kv.allocator import BlockAllocator
 from fastswitch.kv.layout import KVPool
+from fastswitch.kv.manager import KVManager
+from fastswitch.kv.swap import SwapManager
 from fastswitch.model.config import ModelConfig
 from fastswitch.model.demo import default_model_path
 from fastswitch.model.runner import ModelRunner
@@ -42,14 +43,20 @@ class Engine:
                                   config.seed)
         num_blocks = config.num_kv_blocks or _blocks_for_budget(config, self.model_config, self.dtype, device)
         self.runner.allocate_kv(num_blocks)
-        self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.allocator, config.block_size, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
-        self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        per_block = self.runner.kv.data[0].numel() * self.runner.kv.data.element_size()
+        num_host_blocks = int(config.swap_space * 2**30) // per_block
+        self.host_kv = KVPool(num_host_blocks, self.model_config.num_layers, config.block_size,
+                              self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype,
+                              torch.device("cpu"), host_for=device)
+        self.swapper = SwapManager(self.runner.kv.data, self.host_kv.data, config.swap_mode, self.stats)
+        self.kv = KVManager(num_blocks, num_host_blocks, config.block_size, self.stats, self.swapper)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode)
+        self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        log.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, context limit %d",
-                 self.model_config.arch, self.dtype, device, num_blocks, config.block_size, self.max_model_len)
+        log.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens (%d on the host), context limit %d",
+                 self.model_config.arch, self.dtype, device, num_blocks, config.block_size, num_host_blocks,
+                 self.max_model_len)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:
@@ -71,6 +78,17 @@ class Engine:
         if request is not None:
             request.finish_reason = "abort"
             self._release(request)
+
+    def preempt(self, request_id: str, mode: str | None = None) -> bool:
+        """Pause a running request now (by swap or recompute; default: preemption_mode).
+
+        False if it is not running, or its KV is still being copied in."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != Status.RUNNING or not self.kv.ready(request):
+            return False
+        self.scheduler.preempt(request, mode)
+        self.stats.preemptions += 1
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -126,9 +144,9 @@ class Engine:
                              "and at least one token must be generated")
         longest = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         blocks = -(-longest // self.config.block_size)
-        if blocks > self.allocator.num_blocks:
+        if blocks > self.kv.num_blocks:
             raise ValueError(f"the request may need {blocks} KV blocks ({longest} tokens), "
-                             f"but the KV pool has only {self.allocator.num_blocks}")
+                             f"but the KV pool has only {self.kv.num_blocks}")
 
     def _append_token(self, request: Request, token: int, logprobs: dict | None, now: float) -> None:
         request.token_ids.append(token)

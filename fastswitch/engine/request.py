@@ -8,8 +8,9 @@ from fastswitch.sampling import SamplingParams
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # not yet admitted, or preempted: holds no KV blocks
+    WAITING = "waiting"  # not yet admitted, or preempted by recomputation: holds no device blocks
     RUNNING = "running"
+    SWAPPED = "swapped"  # paused: its KV is on the host
     FINISHED = "finished"
 
 
@@ -50,7 +51,10 @@ class Request:
         self.token_ids = list(prompt_token_ids)  # prompt, then every generated token
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the device pool
-        self.block_ids: list[int] = []
+        self.block_ids: list[int] = []  # device blocks, in token order
+        self.host_block_ids: list[int] = []  # host copy, in token order: valid for the first host_tokens tokens
+        self.host_tokens = 0
+        self.swap = None  # the copy in flight for this request's KV (a SwapHandle), if any
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -11,6 +11,14 @@ class EngineStats:
     computed_tokens: int = 0  # tokens run through the model: prompts, recomputation, decodes
     generated_tokens: int = 0
     preemptions: int = 0
+    swap_out_blocks: int = 0
+    swap_in_blocks: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    copies: int = 0  # copy operations issued (per block and layer in baseline mode, per run in fastswitch mode)
+    reuse_saved_blocks: int = 0  # blocks a swap-out did not copy because the host copy was still valid
+    recompute_fallbacks: int = 0  # swap preemptions turned into recomputation because the host was full
+    stall_s: float = 0.0  # time the compute path waited on copies
 
     @property
     def overhead_per_iteration_s(self) -> float:

@@ -9,10 +9,14 @@ import torch
 
 class KVPool:
     def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, host_for: torch.device | None = None):
+        """A device pool, or with `host_for` the host tier of that device (pinned when it is a GPU)."""
         self.num_blocks, self.block_size = num_blocks, block_size
-        # zeros, not empty: padded attention reads unused slots, and 0 * NaN would poison the output
-        self.data = torch.zeros((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+        shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+        if host_for is not None:  # only ever read where a swap-out wrote: no need to fill it
+            self.data = torch.empty(shape, dtype=dtype, pin_memory=host_for.type == "cuda")
+        else:  # zeros: padded attention reads unused slots, and 0 * NaN would poison the output
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, (K, V) views shaped [num_blocks, block_size, kv_heads, head_dim]."""
