@@ -15,7 +15,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 RUNS = {
     "roomy": dict(),
     # 22 blocks of 16 tokens hold the longest request (332 tokens) alone, not all eight: requests wait and
-    # one is preempted and recomputed
+    # some are paused (swapped to the host) and resumed
     "tight-kv": dict(num_kv_blocks=22),
     # a 300-token prompt takes five iterations of 64 tokens while the others decode
     "chunked": dict(max_num_batched_tokens=64),
@@ -38,6 +38,7 @@ def test_greedy_matches_transformers(model, run, model_dirs, prompts, references
         assert out.finish_reason == "length"
     if "tight" in run:
         assert sum(o.metrics.num_preemptions for o in outputs) > 0, "the tight pool should force preemption"
+        assert llm.engine.stats.swap_out_blocks > 0, "preemption under memory pressure swaps by default"
     assert llm.engine.kv.device.num_free == llm.engine.kv.num_blocks
 
 
