@@ -8,7 +8,7 @@ import time
 from fastswitch.config import EngineConfig
 from fastswitch.llm import LLM
 from fastswitch.model.config import ModelError
-from fastswitch.model.demo import ARCHS, SIZES, write_demo_model
+from fastswitch.model.demo import ARCHS, SIZES, default_model_path, write_demo_model
 from fastswitch.sampling import SamplingParams
 
 DEMO_PROMPTS = [
@@ -61,12 +61,44 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     EngineConfig.add_cli_args(gen)
     gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks; results go to stdout and files.")
+    benches = bench.add_subparsers(required=True, metavar="BENCHMARK")
+    swap = benches.add_parser("swap", help="cost of a context switch against the single-copy floor",
+                              description="Time swap-out + swap-in of one request in baseline and fastswitch mode "
+                                          "against one plain copy of the same bytes, then the slowdown of a decoding "
+                                          "batch while another request swaps in the background.")
+    swap.add_argument("--models", default="tiny,0.5b", help="KV shapes of these demo models (default: tiny,0.5b)")
+    swap.add_argument("--tokens", default="256,1024,4096,16384", help="request lengths (default: 256,1024,4096,16384)")
+    swap.add_argument("--device", default="cpu", help="device holding the KV pool (default: cpu)")
+    swap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    swap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    swap.add_argument("--repeats", type=int, default=5, help="round trips per measurement; the median counts")
+    swap.add_argument("--json", help="write one row per measurement to this file")
+    swap.add_argument("--plot", help="write a PNG of time against request length to this file")
+    swap.add_argument("--interference-models", default="default",
+                      help="model folders (comma-separated) for the background-swap slowdown run; 'default': the "
+                           "tiny demo model; 'none': skip it")
+    swap.set_defaults(func=_bench_swap)
     return parser
 
 
 def _demo_model(args) -> int:
     path = write_demo_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
     print(f"wrote {args.arch} {args.size} demo model to {path}")
+    return 0
+
+
+def _bench_swap(args) -> int:
+    from fastswitch.bench.swap_bench import SHAPES, run
+
+    models = args.models.split(",")
+    if unknown := [m for m in models if m not in SHAPES]:
+        raise ValueError(f"unknown model shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    interference = [] if args.interference_models == "none" else [
+        str(default_model_path()) if m == "default" else m for m in args.interference_models.split(",")]
+    run(models, tokens, args.device, args.dtype, args.block_size, args.repeats, args.json, args.plot, interference)
     return 0
 
 

@@ -28,7 +28,9 @@ def make_kv(mode: str, num_blocks: int, num_host_blocks: int) -> KVManager:
     device = KVPool(num_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU)
     host = KVPool(num_host_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
     stats = EngineStats()
-    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, SwapManager(device.data, host.data, mode, stats))
+    swapper = SwapManager(device.data, host.data, mode, stats)
+    swapper.inline_bytes = 0  # these pools are tiny: exercise the asynchronous path
+    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper)
 
 
 def write(kv: KVManager, request: Request, values: torch.Tensor) -> None:

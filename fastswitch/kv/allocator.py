@@ -10,6 +10,8 @@ waste. The attention kernel still sees ordinary block ids; contiguity only makes
 
 from collections.abc import Hashable
 
+import numpy as np
+
 
 class BlockAllocator:
     def __init__(self, num_blocks: int):
@@ -19,12 +21,7 @@ class BlockAllocator:
         self._order_of: dict[int, int] = {}  # free chunk start -> order
         self._num_free_chunked = 0
         self._reserve: dict[Hashable, list[int]] = {}  # owner -> its unused tail, contiguous after its last block
-        start = 0
-        while start < num_blocks:  # largest aligned chunks that fit
-            order = min((start & -start).bit_length() - 1 if start else self.max_order,
-                        (num_blocks - start).bit_length() - 1)
-            self._add(start, order)
-            start += 1 << order
+        self.free(list(range(num_blocks)))
 
     @property
     def num_free(self) -> int:
@@ -54,8 +51,14 @@ class BlockAllocator:
         return taken
 
     def free(self, block_ids: list[int]) -> None:
-        for block in block_ids:
-            self._push(block, 0)
+        """Free blocks; each contiguous run goes back as a few aligned chunks, not block by block."""
+        for start, length in contiguous_runs(block_ids):
+            end = start + length
+            while start < end:  # the largest aligned chunk at `start` that fits in the run
+                order = min((start & -start).bit_length() - 1 if start else self.max_order,
+                            (end - start).bit_length() - 1)
+                self._push(start, order)
+                start += 1 << order
 
     def drop_reserve(self, owner: Hashable) -> None:
         self.free(self._reserve.pop(owner, []))
@@ -156,6 +159,18 @@ def _ceil_log2(n: int) -> int:
     return max(n - 1, 0).bit_length()
 
 
+def contiguous_runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of each run of consecutive ids, in order."""
+    if not block_ids:
+        return []
+    if block_ids[-1] - block_ids[0] == len(block_ids) - 1 and block_ids == list(range(block_ids[0], block_ids[-1] + 1)):
+        return [(block_ids[0], len(block_ids))]
+    ids = np.asarray(block_ids)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(ids) != 1) + 1))
+    lengths = np.diff(np.concatenate((starts, [len(ids)])))
+    return list(zip(ids[starts].tolist(), lengths.tolist()))
+
+
 def runs(block_ids: list[int]) -> int:
     """Number of contiguous runs (groups) in a list of block ids."""
-    return sum(1 for i, b in enumerate(block_ids) if i == 0 or b != block_ids[i - 1] + 1)
+    return len(contiguous_runs(block_ids))

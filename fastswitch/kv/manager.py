@@ -89,7 +89,9 @@ class KVManager:
             return False
         n_blocks = -(-request.num_computed_tokens // self.block_size)
         if not self.device.can_allocate(n_blocks):
-            return False
+            self.poll()
+            if not self.device.can_allocate(n_blocks):
+                return False
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
                                                  expected=self._expected_blocks(request, 0))
         request.swap = self.swapper.swap_in(plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
