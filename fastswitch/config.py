@@ -35,6 +35,8 @@ class EngineConfig:
     preemption_mode: str = _opt("swap", "how a request is paused when memory runs out: 'swap' its KV to the host "
                                         "(recompute if the host is full) or 'recompute' it later",
                                 choices=["swap", "recompute"])
+    enable_prefix_caching: bool = _opt(True, "keep finished requests' KV (device, then host) and reuse it for "
+                                              "prompts that start with the same tokens")
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
 
     def __post_init__(self):
@@ -63,10 +65,12 @@ class EngineConfig:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("engine options")
         for f in fields(cls):
+            flag, text = "--" + f.name.replace("_", "-"), (f.metadata["help"] + _default_text(f)).replace("%", "%%")
+            if f.type in (bool, "bool"):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+                continue
             kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-            group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                               choices=f.metadata.get("choices"),
-                               help=(f.metadata["help"] + _default_text(f)).replace("%", "%%"))
+            group.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=text)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineConfig":

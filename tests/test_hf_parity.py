@@ -39,7 +39,7 @@ def test_greedy_matches_transformers(model, run, model_dirs, prompts, references
     if "tight" in run:
         assert sum(o.metrics.num_preemptions for o in outputs) > 0, "the tight pool should force preemption"
         assert llm.engine.stats.swap_out_blocks > 0, "preemption under memory pressure swaps by default"
-    assert llm.engine.kv.device.num_free == llm.engine.kv.num_blocks
+    assert llm.engine.kv.device.num_available == llm.engine.kv.num_blocks
 
 
 def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tenso
             hidden = runner.model(ids, positions, runner.kv_layers, meta)
             pieces.append(runner.model.compute_logits(hidden))
             request.num_computed_tokens += n
-    engine.kv.device.free(request.block_ids)
+    engine.kv.device.drop(request.block_ids)
     return torch.cat(pieces)
 
 

@@ -23,8 +23,8 @@ def run_with_random_preemptions(llm: LLM, prompts, seed: int, mode: str = "swap"
             if out.finished:
                 done[out.request_id] = out.token_ids
     engine.kv.drain()
-    assert engine.kv.device.num_free == engine.kv.num_blocks, "device blocks leaked"
-    assert engine.kv.host.num_free == engine.kv.host.num_blocks, "host blocks leaked"
+    assert engine.kv.device.num_available == engine.kv.num_blocks, "device blocks leaked"
+    assert engine.kv.host.num_available == engine.kv.host.allocator.num_blocks, "host blocks leaked"
     return [done[i] for i in ids]
 
 
@@ -76,4 +76,4 @@ def test_aborting_a_request_mid_swap_releases_everything(model_dirs, prompts):
         engine.abort(request_id)
     engine.kv.drain()
     assert not engine.has_unfinished_requests()
-    assert engine.kv.device.num_free == engine.kv.num_blocks and engine.kv.host.num_free == engine.kv.host.num_blocks
+    assert engine.kv.device.num_available == engine.kv.num_blocks and engine.kv.host.num_available == engine.kv.host.allocator.num_blocks

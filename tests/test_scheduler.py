@@ -21,7 +21,7 @@ def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_
     assert len(scheduler.running) <= max_seqs
     held = [b for r in scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held)), "a block is held twice"
-    assert len(held) + scheduler.kv.device.num_free == num_blocks, "blocks leaked"
+    assert len(held) + scheduler.kv.device.num_available == num_blocks, "blocks leaked"
     assert all(not r.block_ids and r.num_computed_tokens == 0 for r in scheduler.waiting)
     for request, n in out.scheduled:
         assert request.status == Status.RUNNING and n >= 1
@@ -63,7 +63,7 @@ def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max
             break
     assert len(finished) == len(sizes), "a request never finished"
     assert all(r.num_output_tokens == r.params.max_tokens for r in finished)
-    assert scheduler.kv.device.num_free == num_blocks
+    assert scheduler.kv.device.num_available == num_blocks
 
 
 def test_decodes_keep_running_while_a_long_prompt_is_chunked():

@@ -96,7 +96,7 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, num_blocks, num_host
     for r in requests:
         kv.release(r)
     kv.drain()
-    assert kv.device.num_free == num_blocks and kv.host.num_free == num_host_blocks
+    assert kv.device.num_available == num_blocks and kv.host.num_available == num_host_blocks
 
 
 def test_second_swap_out_copies_only_the_blocks_written_since():
@@ -142,7 +142,7 @@ def test_freed_device_blocks_wait_for_their_copy():
     write(kv, r, torch.randn(32, LAYERS, 2, 1, 2))
     gate = kv.swapper._worker.submit(lambda: __import__("time").sleep(0.2))  # keep the copy queued
     assert kv.swap_out(r) and not r.swap.done()
-    assert kv.device.num_free == 0  # still being read by the copy
+    assert kv.device.num_available == 0  # still being read by the copy
     other = Request("o", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
     assert kv.can_grow(other, 8)  # waits for the copy rather than refusing ...
     assert r.swap.done() and kv.stats.stall_s > 0  # ... and counts the wait as stall

@@ -50,7 +50,8 @@ class Engine:
                               self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype,
                               torch.device("cpu"), host_for=device)
         self.swapper = SwapManager(self.runner.kv.data, self.host_kv.data, config.swap_mode, self.stats)
-        self.kv = KVManager(num_blocks, num_host_blocks, config.block_size, self.stats, self.swapper)
+        self.kv = KVManager(num_blocks, num_host_blocks, config.block_size, self.stats, self.swapper,
+                            config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -110,6 +111,7 @@ class Engine:
         for (request, n), sample in zip(batch.scheduled, samples):
             request.num_computed_tokens += n
             self.stats.computed_tokens += n
+            self.kv.commit(request)
             if sample is None:
                 continue
             self.stats.generated_tokens += 1

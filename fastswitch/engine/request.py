@@ -41,6 +41,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length" or "abort"
     stop_reason: int | str | None  # the stop token id or stop string that ended it
+    num_cached_tokens: int  # prompt tokens served from cached KV instead of prefill
     metrics: RequestMetrics
 
 
@@ -55,6 +56,9 @@ class Request:
         self.host_block_ids: list[int] = []  # host copy, in token order: valid for the first host_tokens tokens
         self.host_tokens = 0
         self.swap = None  # the copy in flight for this request's KV (a SwapHandle), if any
+        self.block_names: list[bytes] = []  # prefix hashes of its full blocks, computed as needed
+        self.num_named_blocks = 0  # device blocks published in the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -98,5 +102,6 @@ class Request:
             finished=self.finished,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            num_cached_tokens=self.num_cached_tokens,
             metrics=self.metrics,
         )

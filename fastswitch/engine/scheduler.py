@@ -9,7 +9,8 @@ generated after a recomputation. Each iteration:
    is free, the most recently admitted request not yet scheduled this iteration is preempted:
    by swap (its KV goes to the host; it is paused) or by recomputation (its KV is dropped);
 2. paused requests resume, oldest first, while they fit (their KV is copied back asynchronously);
-3. new requests are admitted in arrival order, once nobody is paused.
+3. new requests are admitted in arrival order, once nobody is paused, starting after whatever
+   prefix of theirs is cached.
 
 Nothing is resumed or admitted in an iteration that had to preempt. The ranking policy plugs in here.
 """
@@ -72,15 +73,15 @@ class Scheduler:
             self.running.append(request)
         while self.waiting and not preempted and not self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.device.can_allocate(self.kv.blocks_needed(request, n)):
+            n = self.kv.admit(request, budget)  # reuses its cached prefix, if any
+            if n is None:
                 break
             self.waiting.popleft()
-            self.kv.grow(request, n)
             request.status = Status.RUNNING
             self.running.append(request)
-            scheduled.append((request, n))
-            budget -= n
+            if n:  # 0 while its prefix is still being copied in from the host
+                scheduled.append((request, n))
+                budget -= n
         return SchedulerOutput(scheduled, preempted)
 
     def preempt(self, request: Request, mode: str | None = None) -> None:

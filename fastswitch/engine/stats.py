@@ -16,7 +16,10 @@ class EngineStats:
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
     copies: int = 0  # copy operations issued (per block and layer in baseline mode, per run in fastswitch mode)
-    reuse_saved_blocks: int = 0  # blocks a swap-out did not copy because the host copy was still valid
+    reuse_saved_blocks: int = 0  # blocks a swap-out did not copy: still valid on the host, or cached there by name
+    writeback_blocks: int = 0  # finished requests' blocks copied to the host tier for later turns
+    prefix_device_hit_blocks: int = 0  # prompt blocks found in the device prefix cache
+    prefix_host_hit_blocks: int = 0  # prompt blocks found in the host tier and swapped in instead of prefilled
     recompute_fallbacks: int = 0  # swap preemptions turned into recomputation because the host was full
     stall_s: float = 0.0  # time the compute path waited on copies
 

@@ -1,19 +1,28 @@
 """Which blocks each request holds, on the device and on the host, and when they move.
 
-The scheduler decides *that* a request grows, pauses or resumes; this decides *which* blocks, plans
-the copies and keeps the books. It knows nothing about torch: copies go through the SwapManager.
+The scheduler decides *that* a request grows, pauses, resumes or starts; this decides *which*
+blocks, plans the copies and keeps the books. It knows nothing about torch: copies go through the
+SwapManager, which reports completion through handles.
 
-A request's host copy is a prefix of its KV: `host_tokens` tokens in `host_block_ids`. It stays
-valid after a swap-in, so the next swap-out copies only the blocks written since (in `baseline`
-mode the host copy is dropped after each swap-in, so every block is copied every time). Blocks a
-copy is still reading or writing are freed only once that copy is done.
+Both tiers are BlockCaches: blocks are refcounted, and full blocks are named by their prefix hash.
+- A request's host copy is a prefix of its KV: `host_tokens` tokens in `host_block_ids`. It stays
+  valid after a swap-in, so the next swap-out copies only the blocks written since; a full block
+  whose name is already on the host is referenced instead of copied. (`baseline` mode drops the
+  host copy after each swap-in: every block is copied every time.)
+- With prefix caching, a finished request's named blocks stay cached on the device (LRU) and are
+  written back to the host; a new request reuses its longest cached prefix: device blocks directly,
+  host blocks by swap-in, so only the rest of its prompt is prefilled.
+Blocks a copy is still reading or writing are released only once that copy is done, and a name is
+published only once the KV behind it is complete.
 """
 
 import logging
+from collections.abc import Callable
 
 from fastswitch.engine.request import Request
 from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.allocator import BlockAllocator
+from fastswitch.kv.prefix import BlockCache, block_hashes
 from fastswitch.kv.swap import SwapHandle, SwapManager, plan_copies
 
 log = logging.getLogger(__name__)
@@ -23,29 +32,29 @@ GROWTH_HORIZON = 256  # output tokens a request's block group is sized for, at m
 
 class KVManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int, stats: EngineStats,
-                 swapper: SwapManager | None = None):
-        self.device, self.host = BlockAllocator(num_blocks), BlockAllocator(num_host_blocks)
+                 swapper: SwapManager | None = None, prefix_caching: bool = False):
+        self.device = BlockCache(BlockAllocator(num_blocks))
+        self.host = BlockCache(BlockAllocator(num_host_blocks))
         self.block_size, self.stats, self.swapper = block_size, stats, swapper
         self.reuse = swapper is not None and swapper.mode == "fastswitch"
-        self._pending: list[tuple[SwapHandle, list[int], list[int]]] = []  # (copy, device, host blocks)
+        self.prefix_caching = prefix_caching
+        self._pending: list[tuple[SwapHandle, Callable[[], None]]] = []  # work to do once a copy is done
 
     @property
     def num_blocks(self) -> int:
-        return self.device.num_blocks
+        return self.device.allocator.num_blocks
 
     def blocks_needed(self, request: Request, n: int) -> int:
         """Device blocks `request` must add to hold n more tokens."""
         return -(-(request.num_computed_tokens + n) // self.block_size) - len(request.block_ids)
 
     def can_grow(self, request: Request, n: int) -> bool:
-        """Whether the blocks are free, waiting for copies that are about to free some if that is enough."""
+        """Whether the blocks are available, waiting for copies that are about to release some if needed."""
         need = self.blocks_needed(request, n)
-        while not self.device.can_allocate(need) and self._pending:
-            if self.device.num_free + sum(len(d) for _, d, _ in self._pending) < need:
-                return False
+        while need > self.device.num_available and self._pending:
             self.swapper.wait(self._pending[0][0])
             self.poll()
-        return self.device.can_allocate(need)
+        return need <= self.device.num_available
 
     def grow(self, request: Request, n: int) -> None:
         request.block_ids += self.device.allocate(
@@ -56,31 +65,97 @@ class KVManager:
         """False while the request's KV is still being copied in."""
         return request.swap is None or request.swap.done()
 
-    def release(self, request: Request) -> None:
-        """Give back every block of a finished, aborted or recomputed request."""
-        self.device.drop_reserve(request.request_id)
-        self.host.drop_reserve(request.request_id)
-        self._free_after(request.swap, request.block_ids, request.host_block_ids)
-        request.block_ids, request.host_block_ids, request.host_tokens, request.swap = [], [], 0, None
+    # -- starting a request: reuse its cached prefix --------------------------------------------
+
+    def admit(self, request: Request, budget: int) -> int | None:
+        """Give a waiting request its cached prefix and the blocks for its first chunk.
+
+        Returns the tokens to compute this iteration (0 while a host prefix is being copied in), or
+        None, changing nothing, if the blocks are not there."""
+        on_device, on_host = self._lookup(request)
+        reused = len(on_device) + len(on_host)
+        n = min(request.num_tokens - reused * self.block_size, budget)
+        new_blocks = len(on_host) + -(-(reused * self.block_size + n) // self.block_size) - reused
+        if new_blocks > self.device.num_available - sum(b in self.device.lru for b in on_device):
+            return None
+        self.device.take(on_device)
+        request.block_ids = on_device
+        if on_host:
+            request.block_ids += self.device.allocate(len(on_host), owner=request.request_id,
+                                                      after=on_device[-1] if on_device else None)
+            self.host.take(on_host)  # pinned while they are read
+            request.swap = self.swapper.swap_in(plan_copies(on_host, request.block_ids[len(on_device):]))
+            self._after(request.swap, lambda: self.host.drop(on_host))
+        request.num_computed_tokens = request.num_cached_tokens = reused * self.block_size
+        self.stats.prefix_device_hit_blocks += len(on_device)
+        self.stats.prefix_host_hit_blocks += len(on_host)
+        if not self.ready(request):
+            return 0
+        self.grow(request, n)
+        return n
+
+    def _lookup(self, request: Request) -> tuple[list[int], list[int]]:
+        """The longest cached prefix: device blocks, then host blocks continuing it; one token is left
+        to compute, so there are logits to sample from."""
+        if not self.prefix_caching or request.num_computed_tokens:
+            return [], []
+        names = self._names(request)[: (request.num_tokens - 1) // self.block_size]
+        on_device, on_host = [], []
+        for name in names:
+            block = self.device.find(name)
+            if block is None:
+                break
+            on_device.append(block)
+        for name in names[len(on_device) :] if self.reuse else []:
+            block = self.host.find(name)
+            if block is None:
+                break
+            on_host.append(block)
+        return on_device, on_host
+
+    def commit(self, request: Request) -> None:
+        """After an iteration: name the request's blocks that are now full, so others can find them."""
+        if not self.prefix_caching:
+            return
+        full = request.num_computed_tokens // self.block_size
+        names = self._names(request)
+        for i in range(request.num_named_blocks, full):
+            self.device.name(request.block_ids[i], names[i])
+        request.num_named_blocks = max(request.num_named_blocks, full)
+
+    # -- pausing and resuming ------------------------------------------------------------------
 
     def swap_out(self, request: Request) -> bool:
         """Start copying a request's KV to the host; False (and nothing done) if the host has no room."""
         n_blocks = len(request.block_ids)
-        missing = n_blocks - len(request.host_block_ids)
-        if missing > 0 and not self.host.can_allocate(missing):
+        names = self._names(request)[: request.num_named_blocks] if self.reuse else []
+        valid = n_blocks if request.host_tokens == request.num_computed_tokens else request.host_tokens // self.block_size
+        known = {j: self.host.find(names[j]) for j in range(max(valid, len(request.host_block_ids)), len(names))}
+        known = {j: b for j, b in known.items() if b is not None}
+        self.host.take(list(known.values()))  # before allocating, which could evict them
+        missing = n_blocks - len(request.host_block_ids) - len(known)
+        if missing > self.host.num_available:
+            self.host.drop(list(known.values()))
             return False
-        if missing > 0:
-            request.host_block_ids += self.host.allocate(
-                missing, owner=request.request_id, after=request.host_block_ids[-1] if request.host_block_ids else None,
-                expected=self._expected_blocks(request, 0))
         if request.swap is not None:  # a swap-in still writing these device blocks must land first
             self.swapper.wait(request.swap)
-        valid = n_blocks if request.host_tokens == request.num_computed_tokens else request.host_tokens // self.block_size
-        self.stats.reuse_saved_blocks += valid
-        handle = self.swapper.swap_out(plan_copies(request.block_ids[valid:], request.host_block_ids[valid:n_blocks]))
-        self.device.drop_reserve(request.request_id)
-        self._free_after(handle, request.block_ids, [])
-        request.block_ids, request.host_tokens, request.swap = [], request.num_computed_tokens, handle
+        copy = []  # (block index, host block) to copy
+        for j in range(valid, n_blocks):
+            if j < len(request.host_block_ids):
+                copy.append((j, request.host_block_ids[j]))  # a stale private block: overwrite it
+            elif j in known:
+                request.host_block_ids.append(known[j])
+            else:
+                block = self.host.allocate(1, owner=request.request_id,
+                                           after=request.host_block_ids[-1] if request.host_block_ids else None,
+                                           expected=n_blocks - j - 1)[0]
+                copy.append((j, block))
+                request.host_block_ids.append(block)
+        self.stats.reuse_saved_blocks += n_blocks - len(copy)
+        handle = self.swapper.swap_out(plan_copies([request.block_ids[j] for j, _ in copy], [b for _, b in copy]))
+        self._after(handle, lambda: [self.host.name(b, names[j]) for j, b in copy if j < len(names)])
+        self._release_device(request, handle)
+        request.host_tokens, request.swap = request.num_computed_tokens, handle
         return True
 
     def swap_in(self, request: Request) -> bool:
@@ -88,42 +163,81 @@ class KVManager:
         if not self.ready(request):
             return False
         n_blocks = -(-request.num_computed_tokens // self.block_size)
-        if not self.device.can_allocate(n_blocks):
+        if n_blocks > self.device.num_available:
             self.poll()
-            if not self.device.can_allocate(n_blocks):
+            if n_blocks > self.device.num_available:
                 return False
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
                                                  expected=self._expected_blocks(request, 0))
         request.swap = self.swapper.swap_in(plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
         if not self.reuse:
-            self.host.drop_reserve(request.request_id)
-            self._free_after(request.swap, [], request.host_block_ids)
-            request.host_block_ids, request.host_tokens = [], 0
+            self._release_host(request, request.swap)
         return True
 
+    # -- finishing -----------------------------------------------------------------------------
+
+    def release(self, request: Request) -> None:
+        """Give back every block of a finished, aborted or recomputed request; keep what is worth caching."""
+        handle = request.swap
+        if self.prefix_caching and self.reuse and self.ready(request):
+            handle = self._write_back(request) or handle
+        self._release_device(request, handle)
+        self._release_host(request, handle)
+        request.swap, request.num_named_blocks = None, 0
+
+    def _write_back(self, request: Request) -> SwapHandle | None:
+        """Copy the request's named device blocks that the host lacks to the host, as far as room allows."""
+        names = self._names(request)[: min(request.num_named_blocks, len(request.block_ids))]
+        wanted = [j for j, name in enumerate(names) if self.host.find(name) is None]
+        wanted = wanted[: self.host.num_available]
+        if not wanted:
+            return None
+        host_blocks = self.host.allocate(len(wanted))
+        handle = self.swapper.swap_out(plan_copies([request.block_ids[j] for j in wanted], host_blocks), writeback=True)
+
+        def landed():
+            for j, block in zip(wanted, host_blocks):
+                self.host.name(block, names[j])
+            self.host.drop(host_blocks)
+
+        self._after(handle, landed)
+        return handle
+
+    def _release_device(self, request: Request, handle: SwapHandle | None) -> None:
+        self.device.allocator.drop_reserve(request.request_id)
+        blocks, request.block_ids = request.block_ids, []
+        self._after(handle, lambda: self.device.drop(blocks))
+
+    def _release_host(self, request: Request, handle: SwapHandle | None) -> None:
+        self.host.allocator.drop_reserve(request.request_id)
+        blocks, request.host_block_ids, request.host_tokens = request.host_block_ids, [], 0
+        self._after(handle, lambda: self.host.drop(blocks))
+
+    # -- copies in flight ----------------------------------------------------------------------
+
     def poll(self) -> None:
-        """Free the blocks of copies that have completed."""
-        still = []
-        for handle, device_blocks, host_blocks in self._pending:
-            if handle.done():
-                self.device.free(device_blocks)
-                self.host.free(host_blocks)
-            else:
-                still.append((handle, device_blocks, host_blocks))
-        self._pending = still
+        """Run the follow-up work of copies that have completed."""
+        done = [p for p in self._pending if p[0].done()]
+        self._pending = [p for p in self._pending if p not in done]
+        for _, fn in done:
+            fn()
 
     def drain(self) -> None:
-        """Wait for every copy in flight and free what they held."""
-        for handle, _, _ in self._pending:
-            handle.wait()
-        self.poll()
+        """Wait for every copy in flight and finish their follow-up work."""
+        while self._pending:
+            self._pending[0][0].wait()
+            self.poll()
 
-    def _free_after(self, handle: SwapHandle | None, device_blocks: list[int], host_blocks: list[int]) -> None:
+    def _after(self, handle: SwapHandle | None, fn: Callable[[], None]) -> None:
         if handle is None or handle.done():
-            self.device.free(device_blocks)
-            self.host.free(host_blocks)
+            fn()
         else:
-            self._pending.append((handle, device_blocks, host_blocks))
+            self._pending.append((handle, fn))
+
+    def _names(self, request: Request) -> list[bytes]:
+        if len(request.block_names) < request.num_tokens // self.block_size:
+            request.block_names = block_hashes(request.token_ids, self.block_size, request.block_names)
+        return request.block_names
 
     def _expected_blocks(self, request: Request, n: int) -> int:
         to_come = request.num_tokens - request.num_computed_tokens - n

@@ -72,9 +72,10 @@ class SwapManager:
         elif mode == "fastswitch":
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastswitch-swap")
 
-    def swap_out(self, runs: list[Run]) -> SwapHandle:
-        """Device -> host. Runs are (device block, host block, count)."""
-        self._count(runs, "out")
+    def swap_out(self, runs: list[Run], writeback: bool = False) -> SwapHandle:
+        """Device -> host. Runs are (device block, host block, count). `writeback`: caching a finished
+        request's blocks on the host, counted apart from pausing requests."""
+        self._count(runs, "writeback" if writeback else "out")
         return self._start(self.device_pool, self.host_pool, runs, "out")
 
     def swap_in(self, runs: list[Run]) -> SwapHandle:
@@ -128,7 +129,9 @@ class SwapManager:
     def _count(self, runs: list[Run], direction: str) -> None:
         blocks = sum(n for _, _, n in runs)
         self.stats.copies += blocks * self.device_pool.shape[1] * 2 if self.mode == "baseline" else len(runs)
-        if direction == "out":
+        if direction == "writeback":
+            self.stats.writeback_blocks += blocks
+        elif direction == "out":
             self.stats.swap_out_blocks += blocks
             self.stats.swap_out_bytes += blocks * self.block_bytes
         else:

@@ -1,0 +1,79 @@
+"""Prefix hashes, and the block cache of one tier (device or host) that they index.
+
+A full block is named by a hash chain: hash(parent's hash, the block's token ids). Equal names mean
+equal tokens at equal positions behind them, hence equal KV. A cryptographic hash, so one tenant
+cannot forge a collision into another's cache.
+
+`BlockCache` refcounts a pool's blocks. A block whose last user is gone is freed, unless it is full
+and named: then it stays, findable by name, in an LRU list, until the pool needs the room.
+"""
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from fastswitch.kv.allocator import BlockAllocator
+
+
+def block_hashes(token_ids: list[int], block_size: int, known: list[bytes]) -> list[bytes]:
+    """Names of every full block of token_ids, extending the `known` names of its first blocks."""
+    hashes = list(known)
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hashes[-1] if hashes else b""
+        digest = hashlib.blake2b(parent + array("q", token_ids[start : start + block_size]).tobytes(), digest_size=16)
+        hashes.append(digest.digest())
+    return hashes
+
+
+class BlockCache:
+    def __init__(self, allocator: BlockAllocator):
+        self.allocator = allocator
+        self.refs: dict[int, int] = {}
+        self.name_of: dict[int, bytes] = {}
+        self.by_name: dict[bytes, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, least recent first
+
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation can get: free ones, and cached ones nobody uses."""
+        return self.allocator.num_free + len(self.lru)
+
+    def allocate(self, n: int, owner: Hashable | None = None, after: int | None = None, expected: int = 0) -> list[int]:
+        if self.allocator.num_free < n:
+            self.evict(n - self.allocator.num_free)
+        blocks = self.allocator.allocate(n, owner=owner, after=after, expected=expected)
+        self.take(blocks)
+        return blocks
+
+    def take(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.refs[block] = self.refs.get(block, 0) + 1
+            self.lru.pop(block, None)
+
+    def drop(self, blocks: list[int]) -> None:
+        """One user fewer for each block; tail first, so a prefix outlives its continuations in the LRU."""
+        unused = []
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                del self.refs[block]
+                if block in self.name_of:
+                    self.lru[block] = None
+                else:
+                    unused.append(block)
+        self.allocator.free(unused[::-1])
+
+    def name(self, block: int, name: bytes) -> None:
+        """Make a block findable by name (the first block with a name keeps it)."""
+        if name not in self.by_name and block not in self.name_of:
+            self.by_name[name], self.name_of[block] = block, name
+
+    def find(self, name: bytes) -> int | None:
+        return self.by_name.get(name)
+
+    def evict(self, n: int) -> None:
+        for _ in range(min(n, len(self.lru))):
+            block, _ = self.lru.popitem(last=False)
+            del self.by_name[self.name_of.pop(block)]
+            self.allocator.free([block])
