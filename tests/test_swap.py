@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from fastswitch.engine.request import Request, Status
 from fastswitch.engine.stats import EngineStats
+from fastswitch.kv.allocator import BlockAllocator
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import SwapManager, plan_copies
@@ -24,22 +25,27 @@ def test_plan_copies_coalesces_runs_contiguous_on_both_sides():
         plan_copies([1, 2], [3])
 
 
-def make_kv(mode: str, num_blocks: int, num_host_blocks: int) -> KVManager:
+def make_kv(mode: str, num_blocks: int, num_host_blocks: int, prefix_caching: bool = False) -> KVManager:
     device = KVPool(num_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU)
     host = KVPool(num_host_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
     stats = EngineStats()
     swapper = SwapManager(device.data, host.data, mode, stats)
     swapper.inline_bytes = 0  # these pools are tiny: exercise the asynchronous path
-    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper)
+    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper, prefix_caching)
 
 
-def write(kv: KVManager, request: Request, values: torch.Tensor) -> None:
-    """Compute len(values) more tokens of `request`: their K/V, for every layer, are `values`."""
+def kv_of(token: int) -> torch.Tensor:
+    """The K/V every layer holds for a token: a function of the token, so equal prefixes mean equal KV."""
+    return torch.arange(LAYERS * 2 * 2, dtype=torch.float32).view(LAYERS, 2, 1, 2) + 100.0 * token
+
+
+def compute(kv: KVManager, request: Request, n: int) -> None:
+    """What the model does for n more tokens of `request`: write their K/V, then publish full blocks."""
     pool = kv.swapper.device_pool
-    for i, value in enumerate(values):
-        p = request.num_computed_tokens + i
-        pool[request.block_ids[p // BLOCK], :, :, p % BLOCK] = value
-    request.num_computed_tokens += len(values)
+    for p in range(request.num_computed_tokens, request.num_computed_tokens + n):
+        pool[request.block_ids[p // BLOCK], :, :, p % BLOCK] = kv_of(request.token_ids[p])
+    request.num_computed_tokens += n
+    kv.commit(request)
 
 
 def read(kv: KVManager, request: Request) -> torch.Tensor:
@@ -48,62 +54,76 @@ def read(kv: KVManager, request: Request) -> torch.Tensor:
     return torch.stack(tokens) if tokens else torch.empty(0, LAYERS, 2, 1, 2)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["write", "write", "out", "in", "free", "check"]), st.integers(0, 3),
-                         st.integers(1, 9)), max_size=50)
+def new_life(request_id: str, conversation: int) -> Request:
+    """A request whose 64 tokens are conversation `conversation`'s: lives of the same one share prefixes."""
+    return Request(request_id, None, [1000 * conversation + t for t in range(64)], SamplingParams(max_tokens=8), 0.0,
+                   None)
 
 
-@settings(max_examples=120, deadline=None)
-@given(mode=st.sampled_from(["fastswitch", "baseline"]), num_blocks=st.integers(4, 20),
-       num_host_blocks=st.integers(0, 24), ops=ops)
-def test_round_trips_keep_every_byte_and_leak_nothing(mode, num_blocks, num_host_blocks, ops):
-    kv = make_kv(mode, num_blocks, num_host_blocks)
-    requests = [Request(f"r{i}", None, [1] * 64, SamplingParams(max_tokens=8), 0.0, None) for i in range(4)]
-    for r in requests:
-        r.status = Status.RUNNING
-    truth = {r.request_id: torch.empty(0, LAYERS, 2, 1, 2) for r in requests}
-    gen = torch.Generator().manual_seed(0)
+ops = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["write"] * 4 + ["out"] * 3 + ["in"] * 3 +
+                                         ["free"] * 2 + ["evict"] * 2 + ["check"]),
+                         st.integers(0, 3), st.integers(1, 12)), min_size=10, max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(mode=st.sampled_from(["fastswitch", "baseline"]), prefix_caching=st.booleans(), num_blocks=st.integers(4, 24),
+       num_host_blocks=st.integers(0, 40), ops=ops)
+def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_blocks, num_host_blocks, ops):
+    kv = make_kv(mode, num_blocks, num_host_blocks, prefix_caching)
+    requests = [new_life(f"r{i}", i % 2) for i in range(4)]
     for op, i, n in ops:
         r = requests[i]
-        if op == "write" and r.status == Status.RUNNING and r.num_computed_tokens + n <= r.num_tokens:
-            kv.swapper.wait(r.swap) if r.swap is not None else None
+        if op == "admit" and r.status == Status.WAITING:
+            got = kv.admit(r, n)
+            if got is not None:
+                r.status = Status.RUNNING
+                compute(kv, r, got)
+        elif op == "write" and r.status == Status.RUNNING and r.num_computed_tokens + n <= r.num_tokens:
+            if r.swap is not None:
+                kv.swapper.wait(r.swap)
             if kv.can_grow(r, n):
                 kv.grow(r, n)
-                values = torch.randn(n, LAYERS, 2, 1, 2, generator=gen)
-                write(kv, r, values)
-                truth[r.request_id] = torch.cat([truth[r.request_id], values])
-        elif op == "out" and r.status == Status.RUNNING and r.num_computed_tokens:
+                compute(kv, r, n)
+        elif op == "out" and r.status == Status.RUNNING and r.num_computed_tokens and kv.ready(r):
             if kv.swap_out(r):
                 r.status = Status.SWAPPED
             else:  # host full: the request would be recomputed
                 kv.release(r)
-                r.num_computed_tokens, truth[r.request_id] = 0, truth[r.request_id][:0]
+                requests[i] = new_life(r.request_id, n % 3)
         elif op == "in" and r.status == Status.SWAPPED:
             kv.swapper.wait(r.swap)
             if kv.swap_in(r):
                 r.status = Status.RUNNING
         elif op == "free":
             kv.release(r)
-            r.status, r.num_computed_tokens, truth[r.request_id] = Status.RUNNING, 0, truth[r.request_id][:0]
-        elif op == "check" and r.status == Status.RUNNING and r.swap is not None:
+            requests[i] = new_life(r.request_id, n % 3)
+        elif op == "evict":
+            (kv.device if i % 2 else kv.host).evict(n)
+        elif op == "check" and r.swap is not None:
             kv.swapper.wait(r.swap)
         for req in requests:
             if req.status == Status.RUNNING and kv.ready(req):
-                assert torch.equal(read(kv, req), truth[req.request_id]), f"{req.request_id}'s KV changed"
+                expected = torch.stack([kv_of(t) for t in req.token_ids[: req.num_computed_tokens]]) \
+                    if req.num_computed_tokens else torch.empty(0, LAYERS, 2, 1, 2)
+                assert torch.equal(read(kv, req), expected), f"{req.request_id}'s KV changed"
         held = [b for req in requests for b in req.block_ids]
-        assert len(held) == len(set(held)), "a device block is held twice"
-        hosted = [b for req in requests for b in req.host_block_ids]
-        assert len(hosted) == len(set(hosted)), "a host block is held twice"
+        assert set(held) == set(kv.device.refs) or kv._pending, "device refcounts disagree with the holders"
+        assert not set(held) & set(kv.device.lru), "a block in use is evictable"
     for r in requests:
         kv.release(r)
     kv.drain()
+    assert not kv.device.refs and not kv.host.refs
     assert kv.device.num_available == num_blocks and kv.host.num_available == num_host_blocks
+    kv.device.evict(num_blocks)
+    kv.host.evict(num_host_blocks)
+    assert kv.device.allocator.chunks() == BlockAllocator(num_blocks).chunks(), "the device pool did not coalesce"
 
 
 def test_second_swap_out_copies_only_the_blocks_written_since():
     kv = make_kv("fastswitch", 16, 16)
     r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
     kv.grow(r, 22)
-    write(kv, r, torch.randn(22, LAYERS, 2, 1, 2))  # 6 blocks, the last one partly filled
+    compute(kv, r, 22)  # 6 blocks, the last one partly filled
     assert kv.swap_out(r) and kv.stats.swap_out_blocks == 6 and kv.stats.reuse_saved_blocks == 0
     kv.swapper.wait(r.swap)
     assert kv.swap_in(r)
@@ -114,7 +134,7 @@ def test_second_swap_out_copies_only_the_blocks_written_since():
     kv.swap_in(r)
     kv.swapper.wait(r.swap)
     kv.grow(r, 6)
-    write(kv, r, torch.randn(6, LAYERS, 2, 1, 2))  # tokens 22..27: the partial block 5 and a new block 6
+    compute(kv, r, 6)  # tokens 22..27: the partial block 5 and a new block 6
     assert kv.swap_out(r)
     assert kv.stats.swap_out_blocks == 6 + 2 and kv.stats.reuse_saved_blocks == 6 + 5
 
@@ -123,7 +143,7 @@ def test_baseline_copies_every_block_every_time_one_block_and_layer_at_a_time():
     kv = make_kv("baseline", 16, 16)
     r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
     kv.grow(r, 16)
-    write(kv, r, torch.randn(16, LAYERS, 2, 1, 2))
+    compute(kv, r, 16)
     for _ in range(2):
         assert kv.swap_out(r) and kv.swap_in(r)
     assert kv.stats.swap_out_blocks == 8 and kv.stats.reuse_saved_blocks == 0
@@ -131,7 +151,7 @@ def test_baseline_copies_every_block_every_time_one_block_and_layer_at_a_time():
     fast = make_kv("fastswitch", 16, 16)
     r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
     fast.grow(r, 16)
-    write(fast, r, torch.randn(16, LAYERS, 2, 1, 2))
+    compute(fast, r, 16)
     assert fast.swap_out(r) and fast.stats.copies == 1  # one contiguous group: one copy
 
 
@@ -139,7 +159,7 @@ def test_freed_device_blocks_wait_for_their_copy():
     kv = make_kv("fastswitch", 8, 8)
     r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
     kv.grow(r, 32)
-    write(kv, r, torch.randn(32, LAYERS, 2, 1, 2))
+    compute(kv, r, 32)
     gate = kv.swapper._worker.submit(lambda: __import__("time").sleep(0.2))  # keep the copy queued
     assert kv.swap_out(r) and not r.swap.done()
     assert kv.device.num_available == 0  # still being read by the copy

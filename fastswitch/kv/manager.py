@@ -79,12 +79,13 @@ class KVManager:
         if new_blocks > self.device.num_available - sum(b in self.device.lru for b in on_device):
             return None
         self.device.take(on_device)
-        request.block_ids = on_device
+        request.block_ids = list(on_device)
         if on_host:
-            request.block_ids += self.device.allocate(len(on_host), owner=request.request_id,
-                                                      after=on_device[-1] if on_device else None)
+            copies = self.device.allocate(len(on_host), owner=request.request_id,
+                                          after=on_device[-1] if on_device else None)
+            request.block_ids += copies
             self.host.take(on_host)  # pinned while they are read
-            request.swap = self.swapper.swap_in(plan_copies(on_host, request.block_ids[len(on_device):]))
+            request.swap = self.swapper.swap_in(plan_copies(on_host, copies))
             self._after(request.swap, lambda: self.host.drop(on_host))
         request.num_computed_tokens = request.num_cached_tokens = reused * self.block_size
         self.stats.prefix_device_hit_blocks += len(on_device)
