@@ -125,6 +125,17 @@ def test_abort_frees_memory_and_spares_the_others(llm, prompts):
     assert engine.kv.device.num_available == engine.kv.num_blocks
 
 
+def test_kv_statistics(llama_dir, prompts):
+    engine = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=256).engine
+    for p in prompts[:4]:
+        engine.add_request(p, SamplingParams(**GREEDY, max_tokens=4))
+    engine.step()
+    stats = engine.kv_stats()
+    assert stats["groups_per_request"] == 1.0  # a fresh, roomy pool: every request in one contiguous group
+    assert 0 < stats["device_free_blocks"] < stats["device_blocks"]
+    assert stats["device_largest_free_group"] & (stats["device_largest_free_group"] - 1) == 0  # a power of two
+
+
 def test_per_request_timings(llm, prompts):
     out = greedy(llm, prompts[2], max_tokens=5)
     m = out.metrics

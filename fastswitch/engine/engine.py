@@ -16,6 +16,7 @@ from fastswitch.config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_FRACTION, EngineC
 from fastswitch.engine.request import Request, RequestOutput, Status
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.engine.stats import EngineStats
+from fastswitch.kv.allocator import runs
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import SwapManager
@@ -91,6 +92,21 @@ class Engine:
         self.stats.preemptions += 1
         return True
 
+    def kv_stats(self) -> dict:
+        """The KV pools now: free and cached blocks, the largest free group, and contiguity (groups per
+        running request, 1 is perfectly contiguous)."""
+        running = self.scheduler.running
+        return {
+            "device_blocks": self.kv.num_blocks,
+            "device_free_blocks": self.kv.device.allocator.num_free,
+            "device_cached_blocks": len(self.kv.device.lru),
+            "device_largest_free_group": self.kv.device.allocator.largest_free_group(),
+            "host_blocks": self.kv.host.allocator.num_blocks,
+            "host_free_blocks": self.kv.host.allocator.num_free,
+            "host_cached_blocks": len(self.kv.host.lru),
+            "groups_per_request": sum(runs(r.block_ids) for r in running) / len(running) if running else 0.0,
+        }
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -99,6 +115,7 @@ class Engine:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
+            self.kv.wait_for_copies()  # nothing can run until a copy lands: wait rather than spin
             return []
         now = time.monotonic()
         for request, _ in batch.scheduled:

@@ -223,6 +223,12 @@ class KVManager:
         for _, fn in done:
             fn()
 
+    def wait_for_copies(self) -> None:
+        """Wait for the oldest copy in flight, if any (when nothing else can make progress)."""
+        if self._pending:
+            self.swapper.wait(self._pending[0][0])
+            self.poll()
+
     def drain(self) -> None:
         """Wait for every copy in flight and finish their follow-up work."""
         while self._pending:
