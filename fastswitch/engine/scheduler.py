@@ -55,15 +55,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        taken: set[int] = set()  # ids of the requests scheduled so far: not to be preempted for room
         for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if budget == 0:
                 break
             if request.status != Status.RUNNING or not self.kv.ready(request):
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._make_room(request, n, scheduled, preempted):
+            if self._make_room(request, n, taken, preempted):
                 self.kv.grow(request, n)
                 scheduled.append((request, n))
+                taken.add(id(request))
                 budget -= n
         while self.swapped and not preempted and len(self.running) < self.max_num_seqs:
             if not self.kv.swap_in(self.swapped[0]):
@@ -112,9 +114,8 @@ class Scheduler:
         self.kv.release(request)
         request.status = Status.FINISHED
 
-    def _make_room(self, request: Request, n: int, scheduled, preempted) -> bool:
+    def _make_room(self, request: Request, n: int, taken: set[int], preempted: list[Request]) -> bool:
         """Preempt until `request` can grow by n tokens; False if it had to be preempted itself."""
-        taken = {id(r) for r, _ in scheduled}
         while not self.kv.can_grow(request, n):
             victim = next(r for r in reversed(self.running) if id(r) not in taken)
             self.preempt(victim)

@@ -21,12 +21,13 @@ class BlockAllocator:
         self._order_of: dict[int, int] = {}  # free chunk start -> order
         self._num_free_chunked = 0
         self._reserve: dict[Hashable, list[int]] = {}  # owner -> its unused tail, contiguous after its last block
+        self._num_reserved = 0
         self.free(list(range(num_blocks)))
 
     @property
     def num_free(self) -> int:
         """Blocks that an allocation can get, reserves of other requests included."""
-        return self._num_free_chunked + sum(map(len, self._reserve.values()))
+        return self._num_free_chunked + self._num_reserved
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
@@ -38,10 +39,10 @@ class BlockAllocator:
         """n blocks for `owner`, whose last block is `after`; `expected` more are likely needed soon."""
         if n > self.num_free:
             raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
-        reserve = self._reserve.pop(owner, []) if owner is not None else []
+        reserve = self._take_reserve(owner)
         taken, rest = reserve[:n], reserve[n:]
         if rest:
-            self._reserve[owner] = rest
+            self._set_reserve(owner, rest)
         last = taken[-1] if taken else after
         while len(taken) < n and last is not None and self._take_block(last + 1):
             last += 1
@@ -61,7 +62,7 @@ class BlockAllocator:
                 start += 1 << order
 
     def drop_reserve(self, owner: Hashable) -> None:
-        self.free(self._reserve.pop(owner, []))
+        self.free(self._take_reserve(owner))
 
     def chunks(self) -> list[tuple[int, int]]:
         """Free chunks as (start, order), for inspection and tests."""
@@ -81,7 +82,7 @@ class BlockAllocator:
                 start = self._pop(order)
                 blocks = list(range(start, start + (1 << order)))
                 if owner is not None and len(blocks) > m:
-                    self._reserve[owner] = blocks[m:]
+                    self._set_reserve(owner, blocks[m:])
                 else:
                     self.free(blocks[m:])
                 return blocks[:m]
@@ -93,6 +94,15 @@ class BlockAllocator:
             taken += range(start, start + size)
             self.free(list(range(start + size, start + (1 << order))))
         return taken
+
+    def _take_reserve(self, owner: Hashable | None) -> list[int]:
+        reserve = self._reserve.pop(owner, []) if owner is not None else []
+        self._num_reserved -= len(reserve)
+        return reserve
+
+    def _set_reserve(self, owner: Hashable, blocks: list[int]) -> None:
+        self._reserve[owner] = blocks
+        self._num_reserved += len(blocks)
 
     def _reclaim(self, n: int, keep: Hashable | None) -> None:
         for owner in [o for o in self._reserve if o != keep]:

@@ -57,8 +57,11 @@ class KVManager:
         return need <= self.device.num_available
 
     def grow(self, request: Request, n: int) -> None:
+        need = self.blocks_needed(request, n)
+        if need <= 0:  # most decode steps: the last block has room
+            return
         request.block_ids += self.device.allocate(
-            self.blocks_needed(request, n), owner=request.request_id,
+            need, owner=request.request_id,
             after=request.block_ids[-1] if request.block_ids else None, expected=self._expected_blocks(request, n))
 
     def ready(self, request: Request) -> bool:
