@@ -32,9 +32,21 @@ class EngineConfig:
     swap_mode: str = _opt("fastswitch", "'fastswitch': coalesced copies off the compute path, host copies reused; "
                                         "'baseline': vLLM V0's per-block, per-layer synchronous copies",
                           choices=["fastswitch", "baseline"])
-    preemption_mode: str = _opt("swap", "how a request is paused when memory runs out: 'swap' its KV to the host "
-                                        "(recompute if the host is full) or 'recompute' it later",
-                                choices=["swap", "recompute"])
+    policy: str = _opt("fcfs", "who is served first: 'fcfs' (arrival), 'priority' (per request, lower first), "
+                               "'vtc' (per-user fair share), 'trace' (priorities re-drawn as the run goes)",
+                       choices=["fcfs", "priority", "vtc", "trace"])
+    preemption_mode: str = _opt("swap", "how a request is paused: 'swap' its KV to the host (recompute if the host is "
+                                        "full), 'recompute' it later, or 'auto': whichever is cheaper, from the "
+                                        "measured copy bandwidth and prefill speed",
+                                choices=["swap", "recompute", "auto"])
+    thrash_guard: int = _opt(2, "iterations a just-resumed request is safe from being preempted again")
+    trace_pattern: str = _opt("random", "trace policy: 'random' re-draws a priority level, 'markov' moves one level",
+                              choices=["random", "markov"])
+    trace_update_freq: float = _opt(0.04, "trace policy: probability per iteration that a request's priority changes")
+    trace_levels: int = _opt(4, "trace policy: number of priority levels")
+    vtc_input_weight: float = _opt(1.0, "vtc policy: service charged per prompt token")
+    vtc_output_weight: float = _opt(2.0, "vtc policy: service charged per generated token")
+    vtc_user_weights: str = _opt("", "vtc policy: per-user shares, e.g. 'alice=2,bob=1' (default 1 each)")
     enable_prefix_caching: bool = _opt(True, "keep finished requests' KV (device, then host) and reuse it for "
                                               "prompts that start with the same tokens")
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
@@ -57,6 +69,21 @@ class EngineConfig:
                 raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
         if not self.swap_space >= 0:
             raise ValueError(f"invalid swap_space={self.swap_space!r}: must be >= 0 GiB")
+        if not (isinstance(self.thrash_guard, int) and self.thrash_guard >= 0):
+            raise ValueError(f"invalid thrash_guard={self.thrash_guard!r}: must be an integer >= 0")
+        self.user_weights()  # validates
+
+    def user_weights(self) -> dict[str, float]:
+        weights = {}
+        for item in filter(None, self.vtc_user_weights.split(",")):
+            user, _, weight = item.partition("=")
+            try:
+                weights[user.strip()] = float(weight)
+            except ValueError:
+                raise ValueError(f"invalid vtc_user_weights entry {item!r}: expected user=weight") from None
+            if not weights[user.strip()] > 0:
+                raise ValueError(f"invalid vtc_user_weights entry {item!r}: a weight must be > 0")
+        return weights
 
     def torch_dtype(self, model_dtype: str) -> torch.dtype:
         return DTYPES[model_dtype if self.dtype == "auto" else self.dtype]

@@ -14,6 +14,7 @@ import torch
 
 from fastswitch.config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_FRACTION, EngineConfig
 from fastswitch.engine.request import Request, RequestOutput, Status
+from fastswitch.engine.policies import make_policy
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.allocator import runs
@@ -53,7 +54,14 @@ class Engine:
         self.swapper = SwapManager(self.runner.kv.data, self.host_kv.data, config.swap_mode, self.stats)
         self.kv = KVManager(num_blocks, num_host_blocks, config.block_size, self.stats, self.swapper,
                             config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode)
+        policy = make_policy(config.policy, config.seed, config.trace_pattern, config.trace_update_freq,
+                             config.trace_levels, config.vtc_input_weight, config.vtc_output_weight,
+                             config.user_weights())
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode,
+                                   policy, config.thrash_guard)
+        self.scheduler.costs.block_bytes = self.swapper.block_bytes
+        if config.preemption_mode == "auto":
+            self.scheduler.costs.copy_bytes_per_s = self.swapper.measure_bandwidth()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         log.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens (%d on the host), context limit %d",
@@ -61,16 +69,22 @@ class Engine:
                  self.max_model_len)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Queue a request; raises ValueError, before anything is queued, if it cannot be served."""
+                    arrival_time: float | None = None, priority: int = 0, user: str | None = None) -> str:
+        """Queue a request; raises ValueError, before anything is queued, if it cannot be served.
+
+        `priority`: lower is served first (policy `priority`); `user`: whose fair share it counts
+        against (policy `vtc`)."""
         params = params or SamplingParams()
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"invalid priority {priority!r}: must be an integer")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-        request = Request(request_id, text, token_ids, params, arrival_time or time.monotonic(), detokenizer)
+        request = Request(request_id, text, token_ids, params, arrival_time or time.monotonic(), detokenizer,
+                          priority, user or "")
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -80,6 +94,15 @@ class Engine:
         if request is not None:
             request.finish_reason = "abort"
             self._release(request)
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a queued or running request's priority (lower is served first); False if it is not here."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"invalid priority {priority!r}: must be an integer")
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.priority = priority
+        return request is not None
 
     def preempt(self, request_id: str, mode: str | None = None) -> bool:
         """Pause a running request now (by swap or recompute; default: preemption_mode).
@@ -129,6 +152,9 @@ class Engine:
             request.num_computed_tokens += n
             self.stats.computed_tokens += n
             self.kv.commit(request)
+            new_prompt = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - request.prompt_tokens_served)
+            request.prompt_tokens_served += new_prompt
+            self.scheduler.policy.on_served(request, new_prompt, int(sample is not None))
             if sample is None:
                 continue
             self.stats.generated_tokens += 1
@@ -136,6 +162,7 @@ class Engine:
             outputs.append(request.output(holdback=max(map(len, request.params.stop), default=1) - 1))
             if request.finished:
                 del self.requests[request.request_id]
+        self.scheduler.costs.observe_prefill(sum(n for _, n in batch.scheduled), model_time)
         self.stats.iterations += 1
         self.stats.preemptions += len(batch.preempted)
         self.stats.model_time_s += model_time

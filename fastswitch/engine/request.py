@@ -24,6 +24,13 @@ class RequestMetrics:
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
     num_preemptions: int = 0
+    paused_s: float = 0.0  # time spent preempted (paused on the host, or waiting to be recomputed)
+    swap_s: float = 0.0  # time its KV spent being copied out or in
+
+    @property
+    def queueing_delay_s(self) -> float | None:
+        """From arrival to the first iteration that computed any of it."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
 
 @dataclass
@@ -47,8 +54,13 @@ class RequestOutput:
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float, detokenizer: IncrementalDetokenizer):
+                 arrival_time: float, detokenizer: IncrementalDetokenizer, priority: int = 0, user: str = ""):
         self.request_id, self.prompt, self.params = request_id, prompt, params
+        self.priority, self.user = priority, user  # lower priority values are served first
+        self.seq = 0  # arrival order, set by the scheduler
+        self.paused_at: float | None = None  # when it was last preempted, while it is
+        self.resumed_iteration = -(1 << 30)  # scheduler iteration of its last resumption (thrash guard)
+        self.prompt_tokens_served = 0  # prompt tokens charged to its user's share (vtc), recomputation excluded
         self.token_ids = list(prompt_token_ids)  # prompt, then every generated token
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the device pool

@@ -1,30 +1,35 @@
-"""Continuous batching with preemption: every iteration picks which requests run, and how many tokens.
+"""Preemptive, policy-ranked continuous batching: every iteration, who runs, pauses, resumes or starts.
 
-A request's next chunk is simply its tokens without KV yet, capped by the iteration's token budget:
-the whole prompt (or a chunk of it) at first, one token per decode after, the prompt plus what it had
-generated after a recomputation. Each iteration:
+Every iteration the policy ranks all unfinished requests (running, paused, waiting). Walking that
+ranking, best first, each request gets what it needs to make progress:
 
-1. running requests get their chunks, decodes before prefill chunks so a long prompt never stalls
-   them; a request whose KV is still being copied in waits. When a request needs a block and none
-   is free, the most recently admitted request not yet scheduled this iteration is preempted:
-   by swap (its KV goes to the host; it is paused) or by recomputation (its KV is dropped);
-2. paused requests resume, oldest first, while they fit (their KV is copied back asynchronously);
-3. new requests are admitted in arrival order, once nobody is paused, starting after whatever
-   prefix of theirs is cached.
+- a running request gets its next chunk (its tokens without KV, capped by the iteration's token
+  budget): the prompt or a chunk of it, then one token per decode. Decodes are served before prefill
+  chunks, so a long prompt never stalls running requests' next tokens;
+- a paused request is resumed (its KV copied back; it runs once the copy has landed);
+- a waiting request is started after whatever prefix of it is cached.
 
-Nothing is resumed or admitted in an iteration that had to preempt. The ranking policy plugs in here.
+When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
+preempted, lowest first, only as many as needed, except those resumed within the last
+`thrash_guard` iterations. A paused or waiting request that still does not fit blocks everyone ranked
+below it from starting, so a large high-ranked request is not starved by small ones. Preemption is
+by swap (KV to the host), by recomputation (KV dropped), or `auto`: whichever is cheaper, from the
+measured copy bandwidth and prefill speed.
 """
 
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastswitch.engine.policies import Policy
 from fastswitch.engine.request import Request, Status
 from fastswitch.kv.manager import KVManager
 
 log = logging.getLogger(__name__)
 
-PREEMPTION_MODES = ("swap", "recompute")
+PREEMPTION_MODES = ("swap", "recompute", "auto")
 
 
 @dataclass
@@ -33,68 +38,114 @@ class SchedulerOutput:
     preempted: list[Request]
 
 
+@dataclass
+class CostModel:
+    """What `auto` preemption weighs: moving KV both ways against computing it again."""
+
+    block_bytes: int = 0
+    copy_bytes_per_s: float = 10e9  # replaced by a measurement at start-up
+    prefill_tokens_per_s: float = 1000.0  # replaced by measurements as the engine runs
+
+    def swap_s(self, request: Request, block_size: int) -> float:
+        stale = len(request.block_ids) - request.host_tokens // block_size  # to copy out
+        return (stale + len(request.block_ids)) * self.block_bytes / self.copy_bytes_per_s  # out, then back in
+
+    def recompute_s(self, request: Request) -> float:
+        return request.num_computed_tokens / self.prefill_tokens_per_s
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens >= 64 and seconds > 0:
+            self.prefill_tokens_per_s = 0.8 * self.prefill_tokens_per_s + 0.2 * tokens / seconds
+
+
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption_mode: str = "recompute"):
+                 preemption_mode: str = "recompute", policy: Policy | None = None, thrash_guard: int = 0):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"invalid preemption_mode {preemption_mode!r}; choose from {', '.join(PREEMPTION_MODES)}")
-        self.kv, self.preemption_mode = kv, preemption_mode
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.kv, self.preemption_mode, self.policy = kv, preemption_mode, policy or Policy()
+        self.max_num_seqs, self.max_num_batched_tokens, self.thrash_guard = max_num_seqs, max_num_batched_tokens, thrash_guard
+        self.costs = CostModel()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.swapped: list[Request] = []  # paused, oldest arrival first
+        self.swapped: list[Request] = []
+        self.iteration = 0
+        self._seq = 0
 
     def add(self, request: Request) -> None:
+        request.seq, self._seq = self._seq, self._seq + 1
+        self.policy.on_arrival(request, self.unfinished())
         self.waiting.append(request)
+
+    def unfinished(self) -> list[Request]:
+        return [*self.running, *self.swapped, *self.waiting]
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> SchedulerOutput:
+        self.iteration += 1
         self.kv.poll()
+        unfinished = self.unfinished()
+        self.policy.on_iteration(unfinished)
+        ranked = sorted(unfinished, key=self.policy.key)
+        rank = {id(r): i for i, r in enumerate(ranked)}
+        out, taken = SchedulerOutput([], []), set()
         budget = self.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
-        preempted: list[Request] = []
-        taken: set[int] = set()  # ids of the requests scheduled so far: not to be preempted for room
-        for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+        decodes = [r for r in ranked if r.status == Status.RUNNING and r.num_tokens - r.num_computed_tokens == 1]
+        decode_ids = {id(r) for r in decodes}
+        blocked = False  # a higher-ranked request is waiting for room: nobody below it may start
+        for request in decodes + [r for r in ranked if id(r) not in decode_ids]:
             if budget == 0:
                 break
-            if request.status != Status.RUNNING or not self.kv.ready(request):
+            if any(request is p for p in out.preempted):
                 continue
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._make_room(request, n, taken, preempted):
-                self.kv.grow(request, n)
-                scheduled.append((request, n))
-                taken.add(id(request))
-                budget -= n
-        while self.swapped and not preempted and len(self.running) < self.max_num_seqs:
-            if not self.kv.swap_in(self.swapped[0]):
-                break
-            request = self.swapped.pop(0)
-            request.status = Status.RUNNING
-            self.running.append(request)
-        while self.waiting and not preempted and not self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            n = self.kv.admit(request, budget)  # reuses its cached prefix, if any
-            if n is None:
-                break
-            self.waiting.popleft()
-            request.status = Status.RUNNING
-            self.running.append(request)
-            if n:  # 0 while its prefix is still being copied in from the host
-                scheduled.append((request, n))
-                budget -= n
-        return SchedulerOutput(scheduled, preempted)
+            if request.status == Status.RUNNING and self.kv.ready(request):
+                n = min(request.num_tokens - request.num_computed_tokens, budget)
+                if self._make_room(request, lambda: self.kv.can_grow(request, n), rank, taken, out):
+                    self.kv.grow(request, n)
+                    budget -= self._run(request, n, out, taken)
+            elif request.status == Status.SWAPPED and not blocked and self.kv.ready(request):
+                if self._make_room(request, lambda: self._has_seat() and self.kv.swap_in(request), rank, taken, out):
+                    self._start_running(request)
+                else:
+                    blocked = True
+            elif request.status == Status.WAITING and not blocked:
+                admitted = self._admit(request, budget, rank, taken, out)
+                if admitted is None:
+                    blocked = True
+                elif admitted:  # 0 while its cached prefix is still being copied in from the host
+                    budget -= self._run(request, admitted, out, taken)
+        return out
+
+    def _admit(self, request: Request, budget: int, rank, taken, out) -> int | None:
+        """Start a waiting request, making room if it outranks running ones; its first chunk, or None."""
+        chunk: list[int | None] = [None]
+
+        def fits() -> bool:
+            if self._has_seat():
+                chunk[0] = self.kv.admit(request, budget)
+            return chunk[0] is not None
+
+        if not self._make_room(request, fits, rank, taken, out):
+            return None
+        self.waiting.remove(request)
+        self._start_running(request)
+        return chunk[0]
 
     def preempt(self, request: Request, mode: str | None = None) -> None:
-        """Pause a running request: by swap (falling back to recomputation if the host is full) or recompute."""
+        """Pause a running request: by swap (recompute if the host is full), recompute, or the cheaper."""
+        mode = mode or self.preemption_mode
+        if mode == "auto":
+            swap_s, recompute_s = self.costs.swap_s(request, self.kv.block_size), self.costs.recompute_s(request)
+            mode = "swap" if swap_s <= recompute_s else "recompute"
         self.running.remove(request)
         request.metrics.num_preemptions += 1
-        if (mode or self.preemption_mode) == "swap":
+        request.paused_at = time.monotonic()
+        if mode == "swap":
             if self.kv.swap_out(request):
                 request.status = Status.SWAPPED
                 self.swapped.append(request)
-                self.swapped.sort(key=lambda r: r.metrics.arrival_time)
                 return
             self.kv.stats.recompute_fallbacks += 1
             log.warning("host KV tier full: %s preempted by recomputation instead of swap", request.request_id)
@@ -114,12 +165,32 @@ class Scheduler:
         self.kv.release(request)
         request.status = Status.FINISHED
 
-    def _make_room(self, request: Request, n: int, taken: set[int], preempted: list[Request]) -> bool:
-        """Preempt until `request` can grow by n tokens; False if it had to be preempted itself."""
-        while not self.kv.can_grow(request, n):
-            victim = next(r for r in reversed(self.running) if id(r) not in taken)
-            self.preempt(victim)
-            preempted.append(victim)
-            if victim is request:
+    def _has_seat(self) -> bool:
+        return len(self.running) < self.max_num_seqs
+
+    def _run(self, request: Request, n: int, out: SchedulerOutput, taken: set[int]) -> int:
+        out.scheduled.append((request, n))
+        taken.add(id(request))
+        return n
+
+    def _start_running(self, request: Request) -> None:
+        if request.status == Status.SWAPPED:
+            self.swapped.remove(request)
+        if request.paused_at is not None:  # coming back from a preemption
+            request.metrics.paused_s += time.monotonic() - request.paused_at
+            request.paused_at, request.resumed_iteration = None, self.iteration
+        request.status = Status.RUNNING
+        self.running.append(request)
+
+    def _make_room(self, request: Request, fits: Callable[[], bool], rank: dict[int, int], taken: set[int],
+                   out: SchedulerOutput) -> bool:
+        """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left."""
+        while not fits():
+            victims = [r for r in self.running if rank[id(r)] > rank[id(request)] and id(r) not in taken
+                       and self.iteration - r.resumed_iteration > self.thrash_guard]
+            if not victims:
                 return False
+            victim = max(victims, key=lambda r: rank[id(r)])
+            self.preempt(victim)
+            out.preempted.append(victim)
         return True

@@ -17,6 +17,7 @@ published only once the KV behind it is complete.
 """
 
 import logging
+import time
 from collections.abc import Callable
 
 from fastswitch.engine.request import Request
@@ -156,7 +157,9 @@ class KVManager:
                 copy.append((j, block))
                 request.host_block_ids.append(block)
         self.stats.reuse_saved_blocks += n_blocks - len(copy)
+        start = time.monotonic()
         handle = self.swapper.swap_out(plan_copies([request.block_ids[j] for j, _ in copy], [b for _, b in copy]))
+        self._time_swap(request, handle, start)
         self._after(handle, lambda: [self.host.name(b, names[j]) for j, b in copy if j < len(names)])
         self._release_device(request, handle)
         request.host_tokens, request.swap = request.num_computed_tokens, handle
@@ -173,7 +176,9 @@ class KVManager:
                 return False
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
                                                  expected=self._expected_blocks(request, 0))
+        start = time.monotonic()
         request.swap = self.swapper.swap_in(plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
+        self._time_swap(request, request.swap, start)
         if not self.reuse:
             self._release_host(request, request.swap)
         return True
@@ -243,6 +248,14 @@ class KVManager:
             fn()
         else:
             self._pending.append((handle, fn))
+
+    def _time_swap(self, request: Request, handle: SwapHandle, start: float) -> None:
+        """Add the copy's duration (as observed: until the iteration that finds it done) to the request's."""
+
+        def done():
+            request.metrics.swap_s += time.monotonic() - start
+
+        self._after(handle, done)
 
     def _names(self, request: Request) -> list[bytes]:
         if len(request.block_names) < request.num_tokens // self.block_size:

@@ -83,6 +83,19 @@ class SwapManager:
         self._count(runs, "in")
         return self._start(self.host_pool, self.device_pool, runs, "in")
 
+    def measure_bandwidth(self, max_bytes: int = 64 << 20) -> float:
+        """Bytes per second of one large device -> host -> device round trip, timed at start-up."""
+        n = max(1, min(self.device_pool.shape[0], self.host_pool.shape[0], max_bytes // self.block_bytes))
+        if self.host_pool.shape[0] == 0:
+            return 1.0  # no host tier: swapping is never the cheaper choice
+        self.host_pool[:n].copy_(self.device_pool[:n])  # warm up
+        start = time.perf_counter()
+        self.host_pool[:n].copy_(self.device_pool[:n])
+        self.device_pool[:n].copy_(self.host_pool[:n])
+        if self.cuda:
+            torch.cuda.synchronize(self.device_pool.device)
+        return 2 * n * self.block_bytes / (time.perf_counter() - start)
+
     def wait(self, handle: SwapHandle) -> None:
         """Block the compute path until the copy is done, counting the time as stall."""
         if not handle.done():

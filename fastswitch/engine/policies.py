@@ -1,0 +1,107 @@
+"""Ranking policies: who is served first. Each gives every request a sort key; lower keys run first.
+
+- `fcfs`: arrival order.
+- `priority`: the request's integer priority, lower first (vLLM's convention), ties by arrival.
+- `vtc`: per-user fair share with virtual token counters (Sheng et al., OSDI'24): a user's counter
+  grows by `input_weight` per prompt token computed and `output_weight` per token generated, divided
+  by the user's weight; a user who becomes active again is lifted to the smallest counter among
+  active users; the user with the smallest counter goes first.
+- `trace`: FastSwitch's evaluation: each request's priority is re-drawn every iteration with
+  probability `update_freq`, from a seeded generator: `random` draws a new level uniformly, `markov`
+  moves one level up or down.
+"""
+
+import random
+from collections import defaultdict
+
+from fastswitch.engine.request import Request
+
+POLICIES = ("fcfs", "priority", "vtc", "trace")
+TRACE_PATTERNS = ("random", "markov")
+
+
+class Policy:
+    name = "fcfs"
+
+    def key(self, request: Request) -> tuple:
+        return (request.metrics.arrival_time, request.seq)
+
+    def on_arrival(self, request: Request, active: list[Request]) -> None:
+        """A new request joins; `active` are the unfinished requests already there."""
+
+    def on_served(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
+        """The request had prompt tokens computed and/or generated tokens this iteration."""
+
+    def on_iteration(self, requests: list[Request]) -> None:
+        """Called once per scheduling iteration, before ranking."""
+
+
+class PriorityPolicy(Policy):
+    name = "priority"
+
+    def key(self, request: Request) -> tuple:
+        return (request.priority, request.metrics.arrival_time, request.seq)
+
+
+class VTCPolicy(Policy):
+    name = "vtc"
+
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0, user_weights: dict[str, float] | None = None):
+        self.input_weight, self.output_weight = input_weight, output_weight
+        self.user_weights = user_weights or {}
+        self.counters: dict[str, float] = defaultdict(float)
+
+    def key(self, request: Request) -> tuple:
+        return (self.counters[request.user], request.metrics.arrival_time, request.seq)
+
+    def on_arrival(self, request: Request, active: list[Request]) -> None:
+        active_users = {r.user for r in active}
+        if request.user not in active_users and active_users:
+            floor = min(self.counters[u] for u in active_users)
+            self.counters[request.user] = max(self.counters[request.user], floor)
+
+    def on_served(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
+        cost = self.input_weight * prompt_tokens + self.output_weight * output_tokens
+        self.counters[request.user] += cost / self.user_weights.get(request.user, 1.0)
+
+
+class TracePolicy(PriorityPolicy):
+    name = "trace"
+
+    def __init__(self, pattern: str = "random", update_freq: float = 0.04, levels: int = 4, seed: int = 0):
+        if pattern not in TRACE_PATTERNS:
+            raise ValueError(f"invalid trace_pattern {pattern!r}; choose from {', '.join(TRACE_PATTERNS)}")
+        if not 0 <= update_freq <= 1:
+            raise ValueError(f"invalid trace_update_freq={update_freq!r}: a probability per iteration, in [0, 1]")
+        self.pattern, self.update_freq, self.levels = pattern, update_freq, levels
+        self.rng = random.Random(seed)
+        self.changes: list[tuple[int, str, int]] = []  # (iteration, request id, new priority)
+        self.iteration = 0
+
+    def on_arrival(self, request: Request, active: list[Request]) -> None:
+        request.priority = self.rng.randrange(self.levels)
+
+    def on_iteration(self, requests: list[Request]) -> None:
+        self.iteration += 1
+        for request in sorted(requests, key=lambda r: r.seq):
+            if self.rng.random() >= self.update_freq:
+                continue
+            if self.pattern == "random":
+                request.priority = self.rng.randrange(self.levels)
+            else:
+                request.priority = min(self.levels - 1, max(0, request.priority + self.rng.choice((-1, 1))))
+            self.changes.append((self.iteration, request.request_id, request.priority))
+
+
+def make_policy(name: str, seed: int = 0, trace_pattern: str = "random", trace_update_freq: float = 0.04,
+                trace_levels: int = 4, vtc_input_weight: float = 1.0, vtc_output_weight: float = 2.0,
+                vtc_user_weights: dict[str, float] | None = None) -> Policy:
+    if name == "fcfs":
+        return Policy()
+    if name == "priority":
+        return PriorityPolicy()
+    if name == "vtc":
+        return VTCPolicy(vtc_input_weight, vtc_output_weight, vtc_user_weights)
+    if name == "trace":
+        return TracePolicy(trace_pattern, trace_update_freq, trace_levels, seed)
+    raise ValueError(f"invalid policy {name!r}; choose from {', '.join(POLICIES)}")
