@@ -10,10 +10,11 @@ ranking, best first, each request gets what it needs to make progress:
 - a waiting request is started after whatever prefix of it is cached.
 
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
-preempted, lowest first, only as many as needed, except those resumed within the last
-`thrash_guard` iterations. A paused or waiting request that still does not fit blocks everyone ranked
-below it from starting, so a large high-ranked request is not starved by small ones. Preemption is
-by swap (KV to the host), by recomputation (KV dropped), or `auto`: whichever is cheaper, from the
+preempted, lowest first, only as many as needed (even one given its decode earlier in the same
+iteration), except those resumed within the last `thrash_guard` iterations. A paused or waiting
+request that still does not fit blocks everyone ranked below it from starting, so a large
+high-ranked request is not starved by small ones. Preemption is by swap (KV to the host), by
+recomputation (KV dropped), or `auto`: whichever is cheaper, from the
 measured copy bandwidth and prefill speed.
 """
 
@@ -91,40 +92,40 @@ class Scheduler:
         ranked = sorted(unfinished, key=self.policy.key)
         rank = {id(r): i for i, r in enumerate(ranked)}
         out, taken = SchedulerOutput([], []), set()
-        budget = self.max_num_batched_tokens
+        self._budget = self.max_num_batched_tokens
         decodes = [r for r in ranked if r.status == Status.RUNNING and r.num_tokens - r.num_computed_tokens == 1]
         decode_ids = {id(r) for r in decodes}
         blocked = False  # a higher-ranked request is waiting for room: nobody below it may start
         for request in decodes + [r for r in ranked if id(r) not in decode_ids]:
-            if budget == 0:
+            if self._budget == 0:
                 break
             if any(request is p for p in out.preempted):
                 continue
-            if request.status == Status.RUNNING and self.kv.ready(request):
-                n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.status == Status.RUNNING and self.kv.ready(request) and id(request) not in taken:
+                n = min(request.num_tokens - request.num_computed_tokens, self._budget)
                 if self._make_room(request, lambda: self.kv.can_grow(request, n), rank, taken, out):
                     self.kv.grow(request, n)
-                    budget -= self._run(request, n, out, taken)
+                    self._run(request, n, out, taken)
             elif request.status == Status.SWAPPED and not blocked and self.kv.ready(request):
                 if self._make_room(request, lambda: self._has_seat() and self.kv.swap_in(request), rank, taken, out):
                     self._start_running(request)
                 else:
                     blocked = True
             elif request.status == Status.WAITING and not blocked:
-                admitted = self._admit(request, budget, rank, taken, out)
+                admitted = self._admit(request, rank, taken, out)
                 if admitted is None:
                     blocked = True
                 elif admitted:  # 0 while its cached prefix is still being copied in from the host
-                    budget -= self._run(request, admitted, out, taken)
+                    self._run(request, admitted, out, taken)
         return out
 
-    def _admit(self, request: Request, budget: int, rank, taken, out) -> int | None:
+    def _admit(self, request: Request, rank, taken, out) -> int | None:
         """Start a waiting request, making room if it outranks running ones; its first chunk, or None."""
         chunk: list[int | None] = [None]
 
         def fits() -> bool:
             if self._has_seat():
-                chunk[0] = self.kv.admit(request, budget)
+                chunk[0] = self.kv.admit(request, self._budget)
             return chunk[0] is not None
 
         if not self._make_room(request, fits, rank, taken, out):
@@ -168,10 +169,10 @@ class Scheduler:
     def _has_seat(self) -> bool:
         return len(self.running) < self.max_num_seqs
 
-    def _run(self, request: Request, n: int, out: SchedulerOutput, taken: set[int]) -> int:
+    def _run(self, request: Request, n: int, out: SchedulerOutput, taken: set[int]) -> None:
         out.scheduled.append((request, n))
         taken.add(id(request))
-        return n
+        self._budget -= n
 
     def _start_running(self, request: Request) -> None:
         if request.status == Status.SWAPPED:
@@ -186,11 +187,16 @@ class Scheduler:
                    out: SchedulerOutput) -> bool:
         """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left."""
         while not fits():
-            victims = [r for r in self.running if rank[id(r)] > rank[id(request)] and id(r) not in taken
+            victims = [r for r in self.running if rank[id(r)] > rank[id(request)]
                        and self.iteration - r.resumed_iteration > self.thrash_guard]
             if not victims:
                 return False
             victim = max(victims, key=lambda r: rank[id(r)])
+            if id(victim) in taken:  # scheduled earlier in this iteration (a decode): take it back
+                n = next(n for r, n in out.scheduled if r is victim)
+                out.scheduled = [(r, m) for r, m in out.scheduled if r is not victim]
+                taken.discard(id(victim))
+                self._budget += n
             self.preempt(victim)
             out.preempted.append(victim)
         return True

@@ -132,7 +132,10 @@ class KVManager:
 
     def swap_out(self, request: Request) -> bool:
         """Start copying a request's KV to the host; False (and nothing done) if the host has no room."""
-        n_blocks = len(request.block_ids)
+        n_blocks = -(-request.num_computed_tokens // self.block_size)
+        if len(request.block_ids) > n_blocks:  # grown for a chunk it will not compute now
+            extra, request.block_ids = request.block_ids[n_blocks:], request.block_ids[:n_blocks]
+            self._after(request.swap, lambda: self.device.drop(extra))
         names = self._names(request)[: request.num_named_blocks] if self.reuse else []
         valid = n_blocks if request.host_tokens == request.num_computed_tokens else request.host_tokens // self.block_size
         known = {j: self.host.find(names[j]) for j in range(max(valid, len(request.host_block_ids)), len(names))}
