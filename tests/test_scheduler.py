@@ -1,8 +1,11 @@
 """Continuous batching invariants, checked on random workloads without a model."""
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastswitch.engine.policies import POLICIES, make_policy
 from fastswitch.engine.request import Request, Status
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.engine.stats import EngineStats
@@ -12,8 +15,9 @@ from fastswitch.sampling import SamplingParams
 BLOCK = 4
 
 
-def make_request(i: int, prompt_len: int, max_tokens: int) -> Request:
-    return Request(f"r{i}", None, [7] * prompt_len, SamplingParams(max_tokens=max_tokens), 0.0, detokenizer=None)
+def make_request(i: int, prompt_len: int, max_tokens: int, priority: int = 0) -> Request:
+    return Request(f"r{i}", None, [7] * prompt_len, SamplingParams(max_tokens=max_tokens), float(i), None,
+                   priority=priority, user=f"u{i % 3}")
 
 
 def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_blocks: int):
@@ -34,6 +38,7 @@ def advance(scheduler: Scheduler, out) -> list[Request]:
     finished = []
     for request, n in out.scheduled:
         request.num_computed_tokens += n
+        scheduler.policy.on_served(request, n, int(request.num_computed_tokens == request.num_tokens))
         if request.num_computed_tokens == request.num_tokens:
             request.token_ids.append(1)
             if request.num_output_tokens == request.params.max_tokens:
@@ -48,14 +53,22 @@ def advance(scheduler: Scheduler, out) -> list[Request]:
     num_blocks=st.integers(18, 60),
     budget=st.integers(1, 48),
     max_seqs=st.integers(1, 6),
+    policy=st.sampled_from(POLICIES),
+    guard=st.integers(0, 3),
+    churn=st.integers(0, 10**6),
 )
-def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max_seqs):
-    scheduler = Scheduler(KVManager(num_blocks, 0, BLOCK, EngineStats()), max_seqs, budget)
-    arrivals = sorted((arrive, i, make_request(i, p, m)) for i, (p, m, arrive) in enumerate(sizes))
+def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max_seqs, policy, guard, churn):
+    """No policy may starve or livelock anyone: priorities are drawn at random and changed as it runs."""
+    scheduler = Scheduler(KVManager(num_blocks, 0, BLOCK, EngineStats()), max_seqs, budget, "recompute",
+                          make_policy(policy, seed=churn, trace_update_freq=0.3), guard)
+    rng = random.Random(churn)
+    arrivals = sorted((arrive, i, make_request(i, p, m, rng.randrange(3))) for i, (p, m, arrive) in enumerate(sizes))
     pending, finished = list(arrivals), []
-    for step in range(5000):
+    for step in range(20000):
         while pending and pending[0][0] <= step:
             scheduler.add(pending.pop(0)[2])
+        if churn % 2 and scheduler.running and rng.random() < 0.2:
+            rng.choice(scheduler.running).priority = rng.randrange(3)
         out = scheduler.schedule()
         check_invariants(scheduler, out, budget, max_seqs, num_blocks)
         finished += advance(scheduler, out)
@@ -94,3 +107,19 @@ def test_when_memory_runs_out_the_latest_request_is_recomputed_later():
     assert second.status == Status.WAITING and second.num_computed_tokens == 0 and not second.block_ids
     assert second.metrics.num_preemptions == 1
     assert scheduler.waiting[0] is second
+
+
+def test_running_requests_short_of_memory_never_livelock_under_any_policy():
+    """Every running request needs a block at once, from one user (vtc counters equal): someone yields."""
+    for policy in POLICIES:
+        scheduler = Scheduler(KVManager(8, 0, BLOCK, EngineStats()), 4, 64, "recompute", make_policy(policy), 0)
+        requests = [Request(f"r{i}", None, [7] * 7, SamplingParams(max_tokens=20), float(i), None, user="same")
+                    for i in range(4)]
+        for r in requests:
+            scheduler.add(r)
+        finished = []
+        for _ in range(1000):
+            finished += advance(scheduler, scheduler.schedule())
+            if not scheduler.has_unfinished():
+                break
+        assert len(finished) == 4, f"{policy}: only {len(finished)} of 4 finished"

@@ -5,7 +5,8 @@
 - `vtc`: per-user fair share with virtual token counters (Sheng et al., OSDI'24): a user's counter
   grows by `input_weight` per prompt token computed and `output_weight` per token generated, divided
   by the user's weight; a user who becomes active again is lifted to the smallest counter among
-  active users; the user with the smallest counter goes first.
+  active users; the user with the smallest counter goes first. Unlike the original (admission only),
+  it may preempt, but only a user behind by more than VTC_PREEMPT_MARGIN.
 - `trace`: FastSwitch's evaluation: each request's priority is re-drawn every iteration with
   probability `update_freq`, from a seeded generator: `random` draws a new level uniformly, `markov`
   moves one level up or down.
@@ -17,6 +18,7 @@ from collections import defaultdict
 from fastswitch.engine.request import Request
 
 POLICIES = ("fcfs", "priority", "vtc", "trace")
+VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt
 TRACE_PATTERNS = ("random", "markov")
 
 
@@ -34,6 +36,10 @@ class Policy:
 
     def on_iteration(self, requests: list[Request]) -> None:
         """Called once per scheduling iteration, before ranking."""
+
+    def preempts(self, request: Request, victim: Request) -> bool:
+        """Whether `request`, ranked above `victim`, may take its place."""
+        return True
 
 
 class PriorityPolicy(Policy):
@@ -63,6 +69,11 @@ class VTCPolicy(Policy):
     def on_served(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
         cost = self.input_weight * prompt_tokens + self.output_weight * output_tokens
         self.counters[request.user] += cost / self.user_weights.get(request.user, 1.0)
+
+    def preempts(self, request: Request, victim: Request) -> bool:
+        """Only a user clearly behind takes another's place: counters move with every token served, and
+        preempting over a few tokens' difference would swap requests back and forth every iteration."""
+        return self.counters[victim.user] - self.counters[request.user] > VTC_PREEMPT_MARGIN
 
 
 class TracePolicy(PriorityPolicy):

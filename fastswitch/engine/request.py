@@ -60,6 +60,7 @@ class Request:
         self.seq = 0  # arrival order, set by the scheduler
         self.paused_at: float | None = None  # when it was last preempted, while it is
         self.resumed_iteration = -(1 << 30)  # scheduler iteration of its last resumption (thrash guard)
+        self.preempted_iteration = -(1 << 30)  # and of its last preemption
         self.prompt_tokens_served = 0  # prompt tokens charged to its user's share (vtc), recomputation excluded
         self.token_ids = list(prompt_token_ids)  # prompt, then every generated token
         self.num_prompt_tokens = len(prompt_token_ids)

@@ -95,23 +95,30 @@ class Scheduler:
         self._budget = self.max_num_batched_tokens
         decodes = [r for r in ranked if r.status == Status.RUNNING and r.num_tokens - r.num_computed_tokens == 1]
         decode_ids = {id(r) for r in decodes}
+        block_size = self.kv.block_size
         blocked = False  # a higher-ranked request is waiting for room: nobody below it may start
         for request in decodes + [r for r in ranked if id(r) not in decode_ids]:
             if self._budget == 0:
                 break
-            if any(request is p for p in out.preempted):
-                continue
-            if request.status == Status.RUNNING and self.kv.ready(request) and id(request) not in taken:
+            status = request.status
+            if status == Status.RUNNING:
+                if id(request) in taken or not self.kv.ready(request):
+                    continue
                 n = min(request.num_tokens - request.num_computed_tokens, self._budget)
-                if self._make_room(request, lambda: self.kv.can_grow(request, n), rank, taken, out):
+                if len(request.block_ids) * block_size < request.num_computed_tokens + n:  # needs blocks
+                    if not self._make_room(request, lambda: self.kv.can_grow(request, n), rank, taken, out,
+                                           growing=True):
+                        continue
                     self.kv.grow(request, n)
-                    self._run(request, n, out, taken)
-            elif request.status == Status.SWAPPED and not blocked and self.kv.ready(request):
+                self._run(request, n, out, taken)
+            elif request.preempted_iteration == self.iteration:  # not to be brought back in the same iteration
+                continue
+            elif status == Status.SWAPPED and not blocked and self.kv.ready(request):
                 if self._make_room(request, lambda: self._has_seat() and self.kv.swap_in(request), rank, taken, out):
                     self._start_running(request)
                 else:
                     blocked = True
-            elif request.status == Status.WAITING and not blocked:
+            elif status == Status.WAITING and not blocked:
                 admitted = self._admit(request, rank, taken, out)
                 if admitted is None:
                     blocked = True
@@ -142,7 +149,7 @@ class Scheduler:
             mode = "swap" if swap_s <= recompute_s else "recompute"
         self.running.remove(request)
         request.metrics.num_preemptions += 1
-        request.paused_at = time.monotonic()
+        request.paused_at, request.preempted_iteration = time.monotonic(), self.iteration
         if mode == "swap":
             if self.kv.swap_out(request):
                 request.status = Status.SWAPPED
@@ -184,19 +191,33 @@ class Scheduler:
         self.running.append(request)
 
     def _make_room(self, request: Request, fits: Callable[[], bool], rank: dict[int, int], taken: set[int],
-                   out: SchedulerOutput) -> bool:
-        """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left."""
+                   out: SchedulerOutput, growing: bool = False) -> bool:
+        """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left.
+
+        A running request that must grow may preempt below it whatever the policy says, and if it is the
+        lowest-ranked itself, it yields: someone has to, or nobody could make progress."""
         while not fits():
-            victims = [r for r in self.running if rank[id(r)] > rank[id(request)]
-                       and self.iteration - r.resumed_iteration > self.thrash_guard]
+            lower = [r for r in self.running if rank[id(r)] > rank[id(request)]]
+            victims = [r for r in lower if self._unguarded(r) and (growing or self.policy.preempts(request, r))]
             if not victims:
+                if growing and not lower and self._unguarded(request):
+                    self._take_back(request, taken, out)
+                    self.preempt(request)
+                    out.preempted.append(request)
                 return False
             victim = max(victims, key=lambda r: rank[id(r)])
-            if id(victim) in taken:  # scheduled earlier in this iteration (a decode): take it back
-                n = next(n for r, n in out.scheduled if r is victim)
-                out.scheduled = [(r, m) for r, m in out.scheduled if r is not victim]
-                taken.discard(id(victim))
-                self._budget += n
+            self._take_back(victim, taken, out)
             self.preempt(victim)
             out.preempted.append(victim)
         return True
+
+    def _unguarded(self, request: Request) -> bool:
+        return self.iteration - request.resumed_iteration > self.thrash_guard
+
+    def _take_back(self, request: Request, taken: set[int], out: SchedulerOutput) -> None:
+        """Undo scheduling `request` earlier in this iteration (a decode served before its turn)."""
+        if id(request) in taken:
+            n = next(n for r, n in out.scheduled if r is request)
+            out.scheduled = [(r, m) for r, m in out.scheduled if r is not request]
+            taken.discard(id(request))
+            self._budget += n

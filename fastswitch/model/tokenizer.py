@@ -6,6 +6,7 @@ from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from fastswitch.model.config import ModelError
 
@@ -47,18 +48,12 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text, holding back bytes of an unfinished character."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
-        self.tokenizer, self.skip = tokenizer, skip_special_tokens
-        self.ids = list(prompt_ids[-4:])  # a little context, so the first token decodes as it would mid-text
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self._tok = tokenizer._tok
+        # a little prompt context, so the first token decodes as it would mid-text
+        self._stream = DecodeStream(ids=list(prompt_ids[-4:]), skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix) :]
+        return self._stream.step(self._tok, token_id) or ""
 
 
 def _chat_template(folder: Path, config: dict) -> str | None:
