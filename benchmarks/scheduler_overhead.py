@@ -4,7 +4,9 @@ The tiny demo model decodes 256 requests at once (bf16, CPU); each iteration is 
 `Scheduler.schedule()`, the rest of the engine's bookkeeping (detokenizing, stop checks, outputs),
 and the model (forward and sampling). The trace policy re-draws priorities at 0.04 per iteration and
 vtc spreads the requests over 16 users, so ranking changes and preemption decisions are exercised;
-a pool 10% short of what the requests need by the end of the window makes requests pause and resume.
+With a roomy pool this is the cost of the decisions alone; with a pool 10% short of what the requests
+need by the end of the window, requests pause and resume, and `schedule()` also pays for the
+preemptions it starts (on CPU, swaps under 4 MiB are copied inline).
 
     python benchmarks/scheduler_overhead.py [--requests 256] [--steps 60]
 """
@@ -21,9 +23,10 @@ from fastswitch import LLM, SamplingParams
 from fastswitch.model.demo import default_model_path
 
 
-def measure(policy: str, requests: int, steps: int) -> dict:
+def measure(policy: str, requests: int, steps: int, tight: bool) -> dict:
     prompt_len, max_tokens = 64, 512
-    blocks = int(0.9 * requests * (prompt_len + steps) / 16)  # memory runs short within the measured steps
+    need = requests * (prompt_len + steps) / 16  # blocks the requests hold by the end of the window
+    blocks = int(0.9 * need) if tight else int(2 * need)
     llm = LLM(str(default_model_path()), device="cpu", num_kv_blocks=blocks, max_num_seqs=requests,
               max_num_batched_tokens=4096, policy=policy)
     engine, rng = llm.engine, random.Random(0)
@@ -49,7 +52,7 @@ def measure(policy: str, requests: int, steps: int) -> dict:
         engine.step()
     n = stats.iterations - before[0]
     step_s, model_s = (stats.step_time_s - before[1]) / n, (stats.model_time_s - before[2]) / n
-    return dict(policy=policy, requests=requests, running=len(scheduler.running), schedule_ms=1000 * statistics.mean(spent),
+    return dict(policy=policy, pool="tight" if tight else "roomy", requests=requests, running=len(scheduler.running), schedule_ms=1000 * statistics.mean(spent),
                 schedule_p99_ms=1000 * sorted(spent)[int(0.99 * (len(spent) - 1))],
                 bookkeeping_ms=1000 * (step_s - model_s - statistics.mean(spent)), model_ms=1000 * model_s,
                 preemptions=stats.preemptions - before[3])
@@ -62,19 +65,21 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     rows = []
-    for policy in ("fcfs", "priority", "vtc", "trace"):
-        print(f"measuring {policy} ...", flush=True)
-        rows.append(measure(policy, args.requests, args.steps))
-    table = ["| policy | running | schedule() ms/iter | p99 | other engine ms/iter | model ms/iter | schedule / model | preemptions |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    table += [f"| {r['policy']} | {r['running']} | {r['schedule_ms']:.3f} | {r['schedule_p99_ms']:.3f} | "
+    for tight in (False, True):
+        for policy in ("fcfs", "priority", "vtc", "trace"):
+            print(f"measuring {policy}, {'tight' if tight else 'roomy'} pool ...", flush=True)
+            rows.append(measure(policy, args.requests, args.steps, tight))
+    table = ["| pool | policy | running | schedule() ms/iter | p99 | other engine ms/iter | model ms/iter | schedule / model | preemptions |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['pool']} | {r['policy']} | {r['running']} | {r['schedule_ms']:.3f} | {r['schedule_p99_ms']:.3f} | "
               f"{r['bookkeeping_ms']:.2f} | {r['model_ms']:.1f} | {r['schedule_ms'] / r['model_ms']:.1%} | "
               f"{r['preemptions']} |" for r in rows]
     header = (f"# Scheduler overhead, {args.requests} concurrent requests, cpu, {date.today()}\n\n"
               f"Command: `python benchmarks/scheduler_overhead.py --requests {args.requests} --steps {args.steps}`\n\n"
               "Tiny demo model, bf16, steady decoding after every prompt is prefilled; means over the measured "
-              "iterations. 'other engine' is the rest of `Engine.step()` outside the model: detokenizing, stop "
-              "checks, building outputs.\n\n")
+              "iterations. 'roomy': the decisions alone; 'tight': a pool 10% short, so `schedule()` also starts "
+              "preemptions and their (inline, under 4 MiB) swap copies. 'other engine' is the rest of "
+              "`Engine.step()` outside the model: detokenizing, stop checks, building outputs.\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"scheduler_overhead_cpu_{date.today()}"

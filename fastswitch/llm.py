@@ -13,20 +13,22 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **engine_options))
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None, users: list[str] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
 
         A prompt is a string, a list of token ids, or a chat (a list of {"role", "content"} messages).
+        `priority` (lower first, policy `priority`) and `users` (policy `vtc`) give one value per prompt.
         If any prompt or parameter is invalid, ValueError is raised and nothing runs.
         """
         prompts = _as_list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        priority, users = priority or [0] * len(prompts), users or [""] * len(prompts)
+        if not len(params) == len(priority) == len(users) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need as many sampling parameters, priorities and users")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p, rank, user in zip(prompts, params, priority, users):
+                ids.append(self.engine.add_request(prompt, p, priority=rank, user=user))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

@@ -122,6 +122,15 @@ def test_set_priority_reorders_the_queue(llama_dir, prompts):
     assert not engine.set_priority("gone", 1)
 
 
+def test_generate_takes_priorities(llama_dir, prompts):
+    llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=128, policy="priority", max_num_seqs=1)
+    outs = llm.generate(prompts[:3], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False, priority=[2, 0, 1])
+    order = sorted(range(3), key=lambda i: outs[i].metrics.finish_time)
+    assert order == [1, 2, 0]
+    with pytest.raises(ValueError, match="priorities"):
+        llm.generate(prompts[:3], priority=[1], use_tqdm=False)
+
+
 def test_auto_preemption_picks_the_cheaper_way():
     costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e6, prefill_tokens_per_s=1000)
     r = request("r", prompt_len=64)
