@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastswitch import LLM, SamplingParams
-from fastswitch.engine.policies import PriorityPolicy, TracePolicy, VTCPolicy, make_policy
+from fastswitch.engine.policies import PriorityPolicy, VTCPolicy, make_policy
 from fastswitch.engine.request import Request, Status
 from fastswitch.engine.scheduler import CostModel, Scheduler
 from fastswitch.engine.stats import EngineStats

@@ -16,7 +16,6 @@ Blocks a copy is still reading or writing are released only once that copy is do
 published only once the KV behind it is complete.
 """
 
-import logging
 import time
 from collections.abc import Callable
 
@@ -25,8 +24,6 @@ from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.allocator import BlockAllocator
 from fastswitch.kv.prefix import BlockCache, block_hashes
 from fastswitch.kv.swap import SwapHandle, SwapManager, plan_copies
-
-log = logging.getLogger(__name__)
 
 GROWTH_HORIZON = 256  # output tokens a request's block group is sized for, at most
 
@@ -91,7 +88,9 @@ class KVManager:
             self.host.take(on_host)  # pinned while they are read
             request.swap = self.swapper.swap_in(plan_copies(on_host, copies))
             self._after(request.swap, lambda: self.host.drop(on_host))
-        request.num_computed_tokens = request.num_cached_tokens = reused * self.block_size
+        request.num_computed_tokens = reused * self.block_size
+        if not request.num_output_tokens:  # usage reports the prompt's first admission, not recomputations
+            request.num_cached_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
         self.stats.prefix_device_hit_blocks += len(on_device)
         self.stats.prefix_host_hit_blocks += len(on_host)
         if not self.ready(request):
