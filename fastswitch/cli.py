@@ -2,8 +2,11 @@
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 from fastswitch.config import EngineConfig
 from fastswitch.llm import LLM
@@ -62,6 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     EngineConfig.add_cli_args(gen)
     gen.set_defaults(func=_generate)
 
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server",
+                                description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                            "/v1/models) with /health, /version and Prometheus /metrics.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--served-model-name", help="model name clients send (default: the model folder's name)")
+    serve.add_argument("--api-key", default=os.environ.get("FASTSWITCH_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $FASTSWITCH_API_KEY, else none)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="requests waiting to start, beyond which new ones get HTTP 429 (default: 1024)")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                       help="request bodies larger than this get HTTP 413 (default: 1 MiB)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default: 30)")
+    EngineConfig.add_cli_args(serve)
+    serve.set_defaults(func=_serve)
+
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks; results go to stdout and files.")
     benches = bench.add_subparsers(required=True, metavar="BENCHMARK")
     swap = benches.add_parser("swap", help="cost of a context switch against the single-copy floor",
@@ -86,6 +106,32 @@ def _parser() -> argparse.ArgumentParser:
 def _demo_model(args) -> int:
     path = write_demo_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
     print(f"wrote {args.arch} {args.size} demo model to {path}")
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from fastswitch.engine.engine import Engine
+    from fastswitch.server.app import ServerConfig, build_app
+    from fastswitch.server.async_engine import AsyncEngine
+
+    for name in ("port", "max_queue", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    config = EngineConfig.from_cli_args(args)
+    engine = AsyncEngine(Engine(config))
+    name = args.served_model_name or Path(config.model or default_model_path()).name
+    app = build_app(engine, ServerConfig(name, args.api_key, args.max_queue, args.max_request_bytes))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal once it has shut down gracefully:
+        signal.signal(sig, lambda *_: None)  # by then it is handled, and the exit code should say so (0)
+    try:
+        server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done or the deadline passed
+    finally:
+        engine.shutdown()
     return 0
 
 

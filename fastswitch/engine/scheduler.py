@@ -154,9 +154,11 @@ class Scheduler:
             if self.kv.swap_out(request):
                 request.status = Status.SWAPPED
                 self.swapped.append(request)
+                self.kv.stats.swap_preemptions += 1
                 return
             self.kv.stats.recompute_fallbacks += 1
             log.warning("host KV tier full: %s preempted by recomputation instead of swap", request.request_id)
+        self.kv.stats.recompute_preemptions += 1
         self.kv.release(request)
         request.num_computed_tokens = 0
         request.status = Status.WAITING

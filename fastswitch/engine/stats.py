@@ -11,6 +11,8 @@ class EngineStats:
     computed_tokens: int = 0  # tokens run through the model: prompts, recomputation, decodes
     generated_tokens: int = 0
     preemptions: int = 0
+    swap_preemptions: int = 0  # of which: paused by swap
+    recompute_preemptions: int = 0  # and by recomputation (fallbacks included)
     swap_out_blocks: int = 0
     swap_in_blocks: int = 0
     swap_out_bytes: int = 0

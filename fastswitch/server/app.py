@@ -1,0 +1,222 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, and operations
+endpoints (/health, /version, /metrics).
+
+Every client error is answered with OpenAI's error body and never disturbs other requests: bad
+input 400, missing or wrong API key 401, oversized body 413, full queue 429. A client that goes
+away mid-request has its request aborted, which frees its KV at once.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import fastswitch
+from fastswitch.engine.request import RequestOutput
+from fastswitch.server.async_engine import AsyncEngine
+from fastswitch.server.metrics import Metrics
+from fastswitch.server.protocol import (APIError, ChatRequest, CompletionRequest, SamplingRequest, chat_choice,
+                                        completion_choice, envelope, usage)
+
+log = logging.getLogger("fastswitch.server")
+USER_HEADER = "x-fastswitch-user"  # the fairness key for gateways that cannot set the body's `user`
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = 1024  # requests accepted but not started, beyond which new ones get 429
+    max_request_bytes: int = 1 << 20  # request bodies larger than this get 413
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="FastSwitch", version=fastswitch.__version__)
+    metrics = Metrics(engine.engine)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):
+        if request.url.path.startswith("/v1"):
+            if config.api_key and not secrets.compare_digest(request.headers.get("authorization", ""),
+                                                             f"Bearer {config.api_key}"):
+                return _error(APIError(401, "missing or wrong API key", code="invalid_api_key",
+                                       type="authentication_error"))
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > config.max_request_bytes:
+                return _error(APIError(413, f"request body over {config.max_request_bytes} bytes",
+                                       code="request_too_large"))
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, error: APIError):
+        return _error(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}"))
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": fastswitch.__version__}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "fastswitch", "max_model_len": engine.engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+        return await _serve(request, body, body.prompts(), params, "text_completion", completion_choice)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        params = body.sampling_params(body.max_completion_tokens or body.max_tokens, body.logprob_count())
+        return await _serve(request, body, [body.chat()], params, "chat.completion", chat_choice)
+
+    async def _serve(request: Request, body: SamplingRequest, prompts: list, params, kind: str, make_choice):
+        if body.model is not None and body.model != config.model_name:
+            raise APIError(400, f"model {body.model!r} is not served here; this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+        if engine.num_queued + len(prompts) > config.max_queue:
+            raise APIError(429, "the server's queue is full; retry later", code="queue_full", type="rate_limit_error")
+        request_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{secrets.token_hex(12)}"
+        user = body.user or request.headers.get(USER_HEADER)
+        streams = [engine.generate(p, params, f"{request_id}-{i}", body.priority, user) for i, p in enumerate(prompts)]
+        firsts = await _start(streams)  # refused requests raise here, before anything is sent
+        tokenizer = engine.engine.tokenizer
+        if body.stream:
+            chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
+            return StreamingResponse(_sse(streams, firsts, request_id, chunk_kind, make_choice, body, tokenizer),
+                                     media_type="text/event-stream")
+        finals = await _collect(request, streams, firsts)
+        for out in finals:
+            metrics.observe(out, body.priority)
+        log.info("request_id=%s finished prompt_tokens=%d completion_tokens=%d cached_tokens=%d", request_id,
+                 sum(len(o.prompt_token_ids) for o in finals), sum(len(o.token_ids) for o in finals),
+                 sum(o.num_cached_tokens for o in finals))
+        choices = [make_choice(i, out, tokenizer, body.return_token_ids, stream=False) for i, out in enumerate(finals)]
+        if body.return_token_ids:
+            for choice, out in zip(choices, finals):
+                choice["prompt_token_ids"] = out.prompt_token_ids
+        return {**envelope(kind, request_id, config.model_name, choices), "usage": usage(finals)}
+
+    async def _sse(streams, firsts, request_id, kind, make_choice, body, tokenizer) -> AsyncIterator[str]:
+        created, finals = int(time.time()), {}
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(i, stream, first, queue)) for i, (stream, first) in enumerate(zip(streams, firsts))]
+        try:
+            sent_prompt = set()
+            for _ in range(len(streams)):
+                while True:
+                    index, out = await queue.get()
+                    if out is None:
+                        break
+                    if isinstance(out, Exception):
+                        yield _sse_line({"error": {"message": str(out), "type": "server_error", "param": None, "code": None}})
+                        break
+                    choice = make_choice(index, out, tokenizer, body.return_token_ids, stream=True)
+                    if body.return_token_ids and index not in sent_prompt:
+                        choice["prompt_token_ids"] = out.prompt_token_ids
+                        sent_prompt.add(index)
+                    yield _sse_line(envelope(kind, request_id, config.model_name, [choice], created))
+                    if out.finished:
+                        finals[index] = out
+                        metrics.observe(out, body.priority)
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse_line({**envelope(kind, request_id, config.model_name, [], created),
+                                 "usage": usage(list(finals.values()))})
+            yield "data: [DONE]\n\n"
+        finally:  # a client that went away cancels us here: abort whatever is still running
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each stream's own cleanup aborts it
+            for stream in streams:
+                with contextlib.suppress(RuntimeError):
+                    await stream.aclose()
+
+    return app
+
+
+async def _start(streams) -> list[RequestOutput | None]:
+    """Wait until the engine accepted (or refused) every request; abort them all if one is refused."""
+    firsts = []
+    try:
+        for stream in streams:
+            firsts.append(await anext(stream, None))
+    except ValueError as error:
+        for stream in streams:
+            await stream.aclose()
+        raise APIError(400, str(error), param="prompt" if "prompt" in str(error) else None) from None
+    return firsts
+
+
+async def _pump(index: int, stream, first: RequestOutput | None, queue: asyncio.Queue) -> None:
+    try:
+        if first is not None:
+            await queue.put((index, first))
+            if not first.finished:
+                async for out in stream:
+                    await queue.put((index, out))
+    except Exception as error:
+        await queue.put((index, error))
+    await queue.put((index, None))
+
+
+async def _collect(request: Request, streams, firsts) -> list[RequestOutput]:
+    """Run non-streaming requests to the end, aborting them if the client disconnects meanwhile."""
+
+    async def last(stream, first):
+        out = first
+        if out is not None and not out.finished:
+            async for out in stream:
+                pass
+        return out
+
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+
+    work = asyncio.gather(*(last(s, f) for s, f in zip(streams, firsts)))
+    watcher = asyncio.create_task(watch())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()
+            raise APIError(499, "client closed the request")
+        return work.result()
+    finally:
+        watcher.cancel()
+        for stream in streams:
+            with contextlib.suppress(RuntimeError):
+                await stream.aclose()
+
+
+def _sse_line(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _error(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)

@@ -1,0 +1,83 @@
+"""Prometheus metrics, `fastswitch:` names. Engine counters are read at scrape time; latency
+histograms are observed as requests finish."""
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from fastswitch.engine.engine import Engine
+from fastswitch.engine.request import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+COUNTERS = {  # EngineStats field -> (metric name, help)
+    "computed_tokens": ("tokens_computed", "Tokens run through the model (prompts, recomputation, decodes)"),
+    "generated_tokens": ("generation_tokens", "Tokens generated"),
+    "swap_out_bytes": ("swap_out_bytes", "Bytes of KV copied to the host to pause requests"),
+    "swap_in_bytes": ("swap_in_bytes", "Bytes of KV copied back to the device"),
+    "swap_out_blocks": ("swap_out_blocks", "KV blocks copied to the host to pause requests"),
+    "swap_in_blocks": ("swap_in_blocks", "KV blocks copied back to the device"),
+    "copies": ("swap_copies", "Copy operations issued for swaps"),
+    "reuse_saved_blocks": ("reuse_saved_blocks", "Blocks a swap-out did not copy: already valid on the host"),
+    "prefix_device_hit_blocks": ("prefix_device_hit_blocks", "Prompt blocks found in the device prefix cache"),
+    "prefix_host_hit_blocks": ("prefix_host_hit_blocks", "Prompt blocks found in the host tier"),
+    "recompute_fallbacks": ("recompute_fallbacks", "Swap preemptions turned into recomputation: host full"),
+    "stall_s": ("stall_seconds", "Time the compute path waited on copies"),
+    "iterations": ("iterations", "Scheduling iterations that ran the model"),
+}
+
+
+class EngineCollector:
+    """Reads the engine's state when Prometheus scrapes (plain reads from another thread: a scrape may
+    see an iteration half-counted, never a torn number)."""
+
+    def __init__(self, engine: Engine, prompt_tokens: dict[str, int]):
+        self.engine, self.prompt_tokens = engine, prompt_tokens
+
+    def collect(self):
+        engine, scheduler, stats = self.engine, self.engine.scheduler, self.engine.stats
+        for name, value, help in (("num_requests_running", len(scheduler.running), "Requests holding device KV"),
+                                  ("num_requests_waiting", len(scheduler.waiting), "Requests not started, or to recompute"),
+                                  ("num_requests_paused", len(scheduler.swapped), "Requests paused on the host")):
+            yield GaugeMetricFamily(f"fastswitch:{name}", help, value=value)
+        kv = engine.kv
+        yield GaugeMetricFamily("fastswitch:kv_cache_usage_perc", "Device KV blocks in use (0-1)",
+                                value=1 - kv.device.num_available / max(kv.num_blocks, 1))
+        yield GaugeMetricFamily("fastswitch:host_kv_cache_usage_perc", "Host KV blocks in use (0-1)",
+                                value=1 - kv.host.num_available / max(kv.host.allocator.num_blocks, 1))
+        for field, (name, help) in COUNTERS.items():
+            yield CounterMetricFamily(f"fastswitch:{name}", help, value=getattr(stats, field))
+        yield CounterMetricFamily("fastswitch:prompt_tokens", "Prompt tokens of finished requests",
+                                  value=self.prompt_tokens["total"])
+        preemptions = CounterMetricFamily("fastswitch:preemptions", "Requests preempted, by how", labels=["mode"])
+        preemptions.add_metric(["swap"], stats.swap_preemptions)
+        preemptions.add_metric(["recompute"], stats.recompute_preemptions)
+        yield preemptions
+        counters = getattr(scheduler.policy, "counters", None)
+        if counters is not None:
+            service = GaugeMetricFamily("fastswitch:vtc_user_service", "Per-user virtual token counter (vtc)",
+                                        labels=["user"])
+            for user, value in list(counters.items()):
+                service.add_metric([user or "-"], value)
+            yield service
+
+
+class Metrics:
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        self.prompt_tokens = {"total": 0}
+        self.registry.register(EngineCollector(engine, self.prompt_tokens))
+        self.ttft = Histogram("fastswitch:time_to_first_token_seconds", "Time to first token", ["priority"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tbt = Histogram("fastswitch:time_between_tokens_seconds", "Time between tokens", ["priority"],
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("fastswitch:e2e_request_latency_seconds", "Arrival to finish", ["priority"],
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def observe(self, out: RequestOutput, priority: int) -> None:
+        m, label = out.metrics, str(priority)
+        self.prompt_tokens["total"] += len(out.prompt_token_ids)
+        if m.first_token_time is not None:
+            self.ttft.labels(label).observe(m.first_token_time - m.arrival_time)
+        for earlier, later in zip(m.token_times, m.token_times[1:]):
+            self.tbt.labels(label).observe(later - earlier)
+        if m.finish_time is not None:
+            self.e2e.labels(label).observe(m.finish_time - m.arrival_time)

@@ -1,0 +1,247 @@
+"""The real server on a loopback port, driven by the official `openai` client and raw HTTP."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastswitch import LLM, SamplingParams
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: str, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastswitch", "serve", "--model", model_dir, "--port", str(self.port),
+             "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "512", "--served-model-name", "tiny", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start: {self.proc.stdout.read()}")
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics").text
+        return {s.name + ("" if not s.labels else str(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    s = Server(llama_dir)
+    yield s
+    assert s.stop() == 0, "SIGTERM should end the server cleanly"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+GREEDY = dict(temperature=0.0, max_tokens=12, extra_body={"ignore_eos": True})
+
+
+def offline(llama_dir, prompt, max_tokens=12):
+    llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64)
+    return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)[0]
+
+
+def test_completions_match_the_offline_api(client, llama_dir, prompts):
+    expected = offline(llama_dir, "Return the number of items")
+    out = client.completions.create(model="tiny", prompt="Return the number of items", **GREEDY)
+    assert out.choices[0].text == expected.text and out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids) and out.usage.completion_tokens == 12
+    by_ids = client.completions.create(model="tiny", prompt=prompts[3], temperature=0.0, max_tokens=12,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert by_ids.choices[0].model_extra["token_ids"] == offline(llama_dir, prompts[3]).token_ids
+    assert by_ids.choices[0].model_extra["prompt_token_ids"] == prompts[3]
+
+
+def test_streaming_completion_with_usage_and_token_ids(client, llama_dir, prompts):
+    expected = offline(llama_dir, prompts[4])
+    chunks = list(client.completions.create(model="tiny", prompt=prompts[4], stream=True,
+                                            stream_options={"include_usage": True}, temperature=0.0, max_tokens=12,
+                                            extra_body={"ignore_eos": True, "return_token_ids": True}))
+    deltas = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in deltas) == expected.text
+    assert sum((c.choices[0].model_extra["token_ids"] for c in deltas), []) == expected.token_ids
+    assert deltas[0].choices[0].model_extra["prompt_token_ids"] == prompts[4]
+    assert deltas[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == len(prompts[4])
+
+
+def test_chat_streaming_and_not(client, llama_dir):
+    messages = [{"role": "user", "content": "What does a context switch cost?"}]
+    expected = offline(llama_dir, messages)
+    out = client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    assert out.choices[0].message.content == expected.text and out.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=messages, stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
+
+
+def test_priority_user_and_cached_tokens(client, server, prompts):
+    history = prompts[7]  # 300 tokens: 18 full blocks, cached after the first request
+    first = client.completions.create(model="tiny", prompt=history, max_tokens=2, extra_body={"priority": 3}, user="alice")
+    again = client.completions.create(model="tiny", prompt=history + [5, 6], max_tokens=2, extra_body={"priority": -1},
+                                      extra_headers={"x-fastswitch-user": "bob"})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 18 * 16
+    metrics = server.metrics()
+    assert metrics["fastswitch:time_to_first_token_seconds_count[('priority', '3')]"] >= 1
+    assert metrics["fastswitch:time_to_first_token_seconds_count[('priority', '-1')]"] >= 1
+
+
+def test_logprobs(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                         top_logprobs=2, **GREEDY)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 12 and all(len(c.top_logprobs) >= 2 and c.logprob <= 0 for c in content)
+    done = client.completions.create(model="tiny", prompt="hi", logprobs=1, **GREEDY)
+    assert len(done.choices[0].logprobs.token_logprobs) == 12
+
+
+def wait_until_idle(server: Server) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        m = server.metrics()
+        if (m["fastswitch:num_requests_running"] == 0 and m["fastswitch:kv_cache_usage_perc"] == 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def test_a_client_closing_its_stream_aborts_the_request(server):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 100000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.metrics()["fastswitch:num_requests_running"] == 1
+    m = wait_until_idle(server)  # the request was aborted and its KV released
+    assert m["fastswitch:num_requests_running"] == 0 and m["fastswitch:kv_cache_usage_perc"] == 0
+
+
+def test_64_concurrent_streaming_clients(server):
+    async def one(client, i):
+        stream = await client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=8 + i % 5, stream=True,
+                                                 extra_body={"ignore_eos": True, "return_token_ids": True})
+        tokens = []
+        async for chunk in stream:
+            tokens += chunk.choices[0].model_extra["token_ids"] if chunk.choices else []
+        return len(tokens) == 8 + i % 5
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    assert all(asyncio.run(main()))
+    assert wait_until_idle(server)["fastswitch:kv_cache_usage_perc"] == 0
+
+
+BAD = [
+    ("malformed JSON", "{not json", "body"),
+    ("wrong type", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("unknown model", {"model": "gpt-9", "prompt": "hi"}, "model"),
+    ("prompt over the context limit", {"prompt": [5] * 5000}, "prompt"),
+    ("max_tokens < 1", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("n > 1", {"prompt": "hi", "n": 2}, "n"),
+    ("priority not an int", {"prompt": "hi", "priority": "high"}, "priority"),
+    ("priority a float", {"prompt": "hi", "priority": 1.5}, "priority"),
+    ("empty prompt", {"prompt": ""}, None),
+    ("no prompt", {"max_tokens": 3}, "prompt"),
+    ("token id out of range", {"prompt": [1, 999999]}, "prompt"),
+    ("negative temperature", {"prompt": "hi", "temperature": -1}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("case, body, param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_400_and_the_server_keeps_serving(server, client, case, body, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server.url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param:
+        assert error["param"] == param or param in error["message"]
+    assert client.completions.create(model="tiny", prompt="still there", max_tokens=2).choices[0].finish_reason
+
+
+def test_chat_bad_input(server):
+    for body in ({"messages": []}, {"messages": [{"content": "no role"}]},
+                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "error" in r.json()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(
+    st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "priority", "seed",
+                     "min_tokens", "logprobs", "stream", "user", "repetition_penalty", "stop_token_ids", "messages"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True), st.text(max_size=20),
+              st.lists(st.integers(-5, 5000), max_size=5), st.lists(st.text(max_size=5), max_size=3)),
+    max_size=6))
+def test_fuzzed_bodies_never_get_a_5xx(server, body):
+    body.setdefault("max_tokens", 2)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", content=json.dumps(body, allow_nan=True),
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code < 500, (path, body, r.text)
+
+
+def test_metrics_parse_and_move(server, client):
+    before = server.metrics()
+    client.completions.create(model="tiny", prompt="count me", max_tokens=3, extra_body={"ignore_eos": True})
+    after = server.metrics()
+    assert after["fastswitch:generation_tokens_total"] == before["fastswitch:generation_tokens_total"] + 3
+    assert after["fastswitch:prompt_tokens_total"] > before["fastswitch:prompt_tokens_total"]
+    assert "fastswitch:num_requests_waiting" in after and "fastswitch:swap_out_bytes_total" in after
+
+
+def test_api_key_and_limits(llama_dir):
+    s = Server(llama_dir, "--api-key", "sekret", "--max-request-bytes", "2000", "--max-queue", "1")
+    try:
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi"}, headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert httpx.get(f"{s.url}/health").status_code == 200  # operations endpoints need no key
+        ok = openai.OpenAI(base_url=f"{s.url}/v1", api_key="sekret")
+        assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x" * 5000},
+                       headers={"authorization": "Bearer sekret"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["a", "b"]}, headers={"authorization": "Bearer sekret"})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        assert s.stop() == 0
+
+
+def test_cli_rejects_bad_server_options(llama_dir):
+    result = subprocess.run([sys.executable, "-m", "fastswitch", "serve", "--model", llama_dir, "--port", "0"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert result.returncode == 2 and "port" in result.stderr
