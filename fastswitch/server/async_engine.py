@@ -7,6 +7,7 @@ starts streaming. Closing a stream early (a client that went away) aborts the re
 """
 
 import asyncio
+import ctypes
 import logging
 import queue
 import threading
@@ -90,10 +91,15 @@ class AsyncEngine:
     # -- engine thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        busy = False
         while not self._stopping.is_set():
             self._handle_commands(block=not self.engine.has_unfinished_requests())
             if not self.engine.has_unfinished_requests():
+                if busy:  # just went idle: hand the memory a burst of requests used back to the system
+                    _trim_heap()
+                busy = False
                 continue
+            busy = True
             try:
                 outputs = self.engine.step()
             except Exception as error:  # a bug, not bad input: fail every request in flight, keep serving
@@ -145,3 +151,11 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self.engine.abort(request_id)
             self._deliver(request_id, error, last=True)
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed heap memory for reuse; after a burst of requests that can be hundreds of MB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
