@@ -114,9 +114,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         finals = await _collect(request, streams, firsts)
         for out in finals:
             metrics.observe(out, body.priority)
-        log.info("request_id=%s finished prompt_tokens=%d completion_tokens=%d cached_tokens=%d", request_id,
-                 sum(len(o.prompt_token_ids) for o in finals), sum(len(o.token_ids) for o in finals),
-                 sum(o.num_cached_tokens for o in finals))
+        _log_finished(request_id, finals, body)
         choices = [make_choice(i, out, tokenizer, body.return_token_ids, stream=False) for i, out in enumerate(finals)]
         if body.return_token_ids:
             for choice, out in zip(choices, finals):
@@ -145,6 +143,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                     if out.finished:
                         finals[index] = out
                         metrics.observe(out, body.priority)
+            _log_finished(request_id, list(finals.values()), body)
             if body.stream_options and body.stream_options.include_usage:
                 yield _sse_line({**envelope(kind, request_id, config.model_name, [], created),
                                  "usage": usage(list(finals.values()))})
@@ -212,6 +211,13 @@ async def _collect(request: Request, streams, firsts) -> list[RequestOutput]:
         for stream in streams:
             with contextlib.suppress(RuntimeError):
                 await stream.aclose()
+
+
+def _log_finished(request_id: str, outputs: list[RequestOutput], body: SamplingRequest) -> None:
+    log.info("request_id=%s user=%s priority=%d finished=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d "
+             "preemptions=%d", request_id, body.user or "-", body.priority, ",".join(str(o.finish_reason) for o in outputs),
+             sum(len(o.prompt_token_ids) for o in outputs), sum(len(o.token_ids) for o in outputs),
+             sum(o.num_cached_tokens for o in outputs), sum(o.metrics.num_preemptions for o in outputs))
 
 
 def _sse_line(payload: dict) -> str:
