@@ -34,11 +34,8 @@ def step(scheduler: Scheduler):
     """A fake model runner: computes the scheduled chunks and samples a token where a chunk ends."""
     out = scheduler.schedule()
     for r, n in out.scheduled:
-        r.num_computed_tokens += n
-        new_prompt = max(0, min(r.num_computed_tokens, r.num_prompt_tokens) - r.prompt_tokens_served)
-        r.prompt_tokens_served += new_prompt
-        sampled = r.num_computed_tokens == r.num_tokens
-        scheduler.policy.on_served(r, new_prompt, int(sampled))
+        sampled = r.num_computed_tokens + n == r.num_tokens
+        scheduler.served(r, n, sampled)
         if sampled:
             r.token_ids.append(1)
             if r.num_output_tokens >= r.params.max_tokens:

@@ -149,12 +149,9 @@ class Engine:
         now = time.monotonic()
         outputs = []
         for (request, n), sample in zip(batch.scheduled, samples):
-            request.num_computed_tokens += n
+            self.scheduler.served(request, n, sample is not None)
             self.stats.computed_tokens += n
             self.kv.commit(request)
-            new_prompt = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - request.prompt_tokens_served)
-            request.prompt_tokens_served += new_prompt
-            self.scheduler.policy.on_served(request, new_prompt, int(sample is not None))
             if sample is None:
                 continue
             self.stats.generated_tokens += 1

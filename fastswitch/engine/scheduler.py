@@ -164,6 +164,15 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 
+    def served(self, request: Request, n: int, sampled: bool) -> None:
+        """Account an iteration's work: n tokens computed, one generated if sampled. A prompt token counts
+        towards its user's share once: recomputing it after a preemption is not charged again, so every
+        turn a request gets (vtc) is new service, and requests that keep displacing each other progress."""
+        request.num_computed_tokens += n
+        new_prompt = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - request.prompt_tokens_served)
+        request.prompt_tokens_served += new_prompt
+        self.policy.on_served(request, new_prompt, int(sampled))
+
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request and return its blocks."""
         if request.status == Status.RUNNING:
@@ -196,11 +205,11 @@ class Scheduler:
                    out: SchedulerOutput, growing: bool = False) -> bool:
         """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left.
 
-        A running request that must grow may preempt below it whatever the policy says, and if it is the
-        lowest-ranked itself, it yields: someone has to, or nobody could make progress."""
+        A running request that must grow and is the lowest-ranked itself yields: when everyone is short of
+        memory and the policy lets nobody take anyone's place, someone has to, or nobody makes progress."""
         while not fits():
             lower = [r for r in self.running if rank[id(r)] > rank[id(request)]]
-            victims = [r for r in lower if self._unguarded(r) and (growing or self.policy.preempts(request, r))]
+            victims = [r for r in lower if self._unguarded(r) and self.policy.preempts(request, r)]
             if not victims:
                 if growing and not lower and self._unguarded(request):
                     self._take_back(request, taken, out)
