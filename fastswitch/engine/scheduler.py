@@ -205,11 +205,12 @@ class Scheduler:
                    out: SchedulerOutput, growing: bool = False) -> bool:
         """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left.
 
-        A running request that must grow and is the lowest-ranked itself yields: when everyone is short of
-        memory and the policy lets nobody take anyone's place, someone has to, or nobody makes progress."""
+        A running request that must grow may preempt below it whatever the policy's margin says (memory
+        has to come from someone, and waiting for it stalls everyone), and if it is the lowest-ranked
+        itself, it yields. This stays live because `served` charges recomputed work only once."""
         while not fits():
             lower = [r for r in self.running if rank[id(r)] > rank[id(request)]]
-            victims = [r for r in lower if self._unguarded(r) and self.policy.preempts(request, r)]
+            victims = [r for r in lower if self._unguarded(r) and (growing or self.policy.preempts(request, r))]
             if not victims:
                 if growing and not lower and self._unguarded(request):
                     self._take_back(request, taken, out)
