@@ -39,7 +39,7 @@ class RequestOutput:
 
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # the request's own list, not a copy: do not modify it
     text: str
     token_ids: list[int]
     new_text: str
@@ -63,6 +63,7 @@ class Request:
         self.preempted_iteration = -(1 << 30)  # and of its last preemption
         self.prompt_tokens_served = 0  # prompt tokens charged to its user's share (vtc), recomputation excluded
         self.token_ids = list(prompt_token_ids)  # prompt, then every generated token
+        self.prompt_token_ids = list(prompt_token_ids)  # shared by every output of this request (read-only)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the device pool
         self.block_ids: list[int] = []  # device blocks, in token order
@@ -106,7 +107,7 @@ class Request:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=self.token_ids[: self.num_prompt_tokens],
+            prompt_token_ids=self.prompt_token_ids,
             text=self.text[:visible],
             token_ids=self.output_token_ids,
             new_text=new_text,
