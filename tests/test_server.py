@@ -245,3 +245,20 @@ def test_cli_rejects_bad_server_options(llama_dir):
     result = subprocess.run([sys.executable, "-m", "fastswitch", "serve", "--model", llama_dir, "--port", "0"],
                             capture_output=True, text=True, timeout=120, env={**os.environ})
     assert result.returncode == 2 and "port" in result.stderr
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(llama_dir):
+    s = Server(llama_dir, "--shutdown-timeout", "20")
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 40, "stream": True, "ignore_eos": True,
+            "return_token_ids": True}
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        first = next(lines)
+        s.proc.send_signal(signal.SIGTERM)  # mid-stream
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"  # the request in flight was served to its end ...
+    chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 40  # ... every one of its tokens
+    assert s.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{s.url}/health", timeout=2)  # and nothing new is accepted
