@@ -112,7 +112,6 @@ class Engine:
         if request is None or request.status != Status.RUNNING or not self.kv.ready(request):
             return False
         self.scheduler.preempt(request, mode)
-        self.stats.preemptions += 1
         return True
 
     def kv_stats(self) -> dict:
@@ -161,7 +160,6 @@ class Engine:
                 del self.requests[request.request_id]
         self.scheduler.costs.observe_prefill(sum(n for _, n in batch.scheduled), model_time)
         self.stats.iterations += 1
-        self.stats.preemptions += len(batch.preempted)
         self.stats.model_time_s += model_time
         self.stats.step_time_s += time.perf_counter() - start
         return outputs

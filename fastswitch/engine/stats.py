@@ -1,6 +1,6 @@
 """Engine-wide counters, cumulative since start: what benchmarks and metrics read."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -10,8 +10,7 @@ class EngineStats:
     model_time_s: float = 0.0  # of which: forward pass and sampling
     computed_tokens: int = 0  # tokens run through the model: prompts, recomputation, decodes
     generated_tokens: int = 0
-    preemptions: int = 0
-    swap_preemptions: int = 0  # of which: paused by swap
+    swap_preemptions: int = 0  # requests paused by swap
     recompute_preemptions: int = 0  # and by recomputation (fallbacks included)
     swap_out_blocks: int = 0
     swap_in_blocks: int = 0
@@ -26,9 +25,10 @@ class EngineStats:
     stall_s: float = 0.0  # time the compute path waited on copies
 
     @property
+    def preemptions(self) -> int:
+        return self.swap_preemptions + self.recompute_preemptions
+
+    @property
     def overhead_per_iteration_s(self) -> float:
         """Engine time outside the model (scheduling, bookkeeping, detokenizing) per iteration."""
         return (self.step_time_s - self.model_time_s) / max(self.iterations, 1)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "overhead_per_iteration_s": self.overhead_per_iteration_s}

@@ -29,9 +29,6 @@ class BlockAllocator:
         """Blocks that an allocation can get, reserves of other requests included."""
         return self._num_free_chunked + self._num_reserved
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= self.num_free
-
     def largest_free_group(self) -> int:
         return max((1 << k for k in range(self.max_order + 1) if self._free[k]), default=0)
 

@@ -18,7 +18,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # ids of the shipped tokenizer's special tokens
+ENDOFTEXT, IM_END = 0, 2  # ids of the shipped tokenizer's special tokens (<|im_start|> is 1)
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,

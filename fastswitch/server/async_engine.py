@@ -47,10 +47,6 @@ class AsyncEngine:
         """Requests accepted but not yet started (approximate: read from another thread)."""
         return len(self.engine.scheduler.waiting) + self._commands.qsize()
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams) + self._commands.qsize()
-
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str, priority: int = 0,
                        user: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; raises ValueError (before any output) if it is refused."""
@@ -73,15 +69,6 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
-
-    def call(self, fn):
-        """Run fn(engine) on the engine thread and wait for its result (for reads that must be consistent)."""
-        done: queue.Queue = queue.Queue()
-        self._commands.put(("call", fn, done))
-        result = done.get()
-        if isinstance(result, BaseException):
-            raise result
-        return result
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -135,11 +122,6 @@ class AsyncEngine:
         elif command[0] == "abort":
             self.engine.abort(command[1])
             self._streams.pop(command[1], None)
-        elif command[0] == "call":
-            try:
-                command[2].put(command[1](self.engine))
-            except Exception as error:
-                command[2].put(error)
 
     def _deliver(self, request_id: str, item, last: bool) -> None:
         target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
