@@ -32,6 +32,11 @@ class EngineConfig:
     swap_mode: str = _opt("fastswitch", "'fastswitch': coalesced copies off the compute path, host copies reused; "
                                         "'baseline': vLLM V0's per-block, per-layer synchronous copies",
                           choices=["fastswitch", "baseline"])
+    block_groups: bool = _opt(True, "allocate KV in contiguous block groups, so a swap is a few large copies; off (an "
+                                    "ablation): single blocks off a free list, as vLLM V0 does")
+    async_swap: bool = _opt(True, "copy swaps off the compute path; off (an ablation): the same copies, inline")
+    kv_reuse: bool = _opt(True, "keep a resumed request's host copy, so its next swap-out copies only newer blocks, and "
+                                "reuse host-cached prefixes; off (an ablation): every swap-out copies everything")
     policy: str = _opt("fcfs", "who is served first: 'fcfs' (arrival), 'priority' (per request, lower first), "
                                "'vtc' (per-user fair share), 'trace' (priorities re-drawn as the run goes)",
                        choices=["fcfs", "priority", "vtc", "trace"])

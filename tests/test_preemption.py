@@ -12,7 +12,8 @@ TINY_HOST_GIB = 8 * 65536 / 2**30  # 8 blocks of the tiny fp32 Llama: too few fo
 
 def run_with_random_preemptions(llm: LLM, prompts, seed: int, mode: str = "swap") -> list[list[int]]:
     engine, rng = llm.engine, random.Random(seed)
-    engine.swapper.inline_bytes = 0  # these swaps are small: exercise the asynchronous path
+    if engine.config.async_swap:
+        engine.swapper.inline_bytes = 0  # these swaps are small: exercise the asynchronous path
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():
@@ -47,6 +48,14 @@ def test_swapped_out_and_back_in_at_random_steps(model, swap_mode, model_dirs, p
         assert stats.copies < stats.swap_out_blocks + stats.swap_in_blocks, "groups should coalesce copies"
     else:
         assert stats.reuse_saved_blocks == 0
+
+
+@pytest.mark.parametrize("off", ["block_groups", "kv_reuse", "async_swap"])
+def test_each_ablation_keeps_the_tokens(off, model_dirs, prompts, undisturbed):
+    llm = LLM(model_dirs["llama"], dtype="float32", device="cpu", num_kv_blocks=128, **{off: False})
+    assert run_with_random_preemptions(llm, prompts, seed=4) == undisturbed["llama"]
+    stats = llm.engine.stats
+    assert stats.swap_out_blocks > 0 and (stats.reuse_saved_blocks == 0) == (off == "kv_reuse")
 
 
 @pytest.mark.parametrize("swap_mode", ["fastswitch", "baseline"])

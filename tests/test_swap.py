@@ -25,13 +25,15 @@ def test_plan_copies_coalesces_runs_contiguous_on_both_sides():
         plan_copies([1, 2], [3])
 
 
-def make_kv(mode: str, num_blocks: int, num_host_blocks: int, prefix_caching: bool = False) -> KVManager:
+def make_kv(mode: str, num_blocks: int, num_host_blocks: int, prefix_caching: bool = False, block_groups: bool = True,
+            reuse: bool = True, asynchronous: bool = True) -> KVManager:
     device = KVPool(num_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU)
     host = KVPool(num_host_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
     stats = EngineStats()
-    swapper = SwapManager(device.data, host.data, mode, stats)
-    swapper.inline_bytes = 0  # these pools are tiny: exercise the asynchronous path
-    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper, prefix_caching)
+    swapper = SwapManager(device.data, host.data, mode, stats, asynchronous)
+    if asynchronous:
+        swapper.inline_bytes = 0  # these pools are tiny: exercise the asynchronous path
+    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper, prefix_caching, block_groups, reuse)
 
 
 def kv_of(token: int) -> torch.Tensor:
@@ -65,11 +67,12 @@ ops = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["write"] * 4 + ["out"]
                          st.integers(0, 3), st.integers(1, 12)), min_size=10, max_size=80)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(mode=st.sampled_from(["fastswitch", "baseline"]), prefix_caching=st.booleans(), num_blocks=st.integers(4, 24),
-       num_host_blocks=st.integers(0, 40), ops=ops)
-def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_blocks, num_host_blocks, ops):
-    kv = make_kv(mode, num_blocks, num_host_blocks, prefix_caching)
+       num_host_blocks=st.integers(0, 40), switches=st.tuples(st.booleans(), st.booleans(), st.booleans()), ops=ops)
+def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_blocks, num_host_blocks, switches, ops):
+    """Also with each mechanism switched off (block groups, reuse, asynchronous copies), as the ablations run."""
+    kv = make_kv(mode, num_blocks, num_host_blocks, prefix_caching, *switches)
     requests = [new_life(f"r{i}", i % 2) for i in range(4)]
     for op, i, n in ops:
         r = requests[i]
@@ -116,7 +119,9 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
     assert kv.device.num_available == num_blocks and kv.host.num_available == num_host_blocks
     kv.device.evict(num_blocks)
     kv.host.evict(num_host_blocks)
-    assert kv.device.allocator.chunks() == BlockAllocator(num_blocks).chunks(), "the device pool did not coalesce"
+    if isinstance(kv.device.allocator, BlockAllocator):
+        assert kv.device.allocator.chunks() == BlockAllocator(num_blocks).chunks(), "the device pool did not coalesce"
+    assert sorted(kv.device.allocator.allocate(num_blocks)) == list(range(num_blocks)), "a block was lost or doubled"
 
 
 def test_second_swap_out_copies_only_the_blocks_written_since():
@@ -167,3 +172,36 @@ def test_freed_device_blocks_wait_for_their_copy():
     assert kv.can_grow(other, 8)  # waits for the copy rather than refusing ...
     assert r.swap.done() and kv.stats.stall_s > 0  # ... and counts the wait as stall
     gate.result()
+
+
+def round_trip_twice(kv: KVManager) -> Request:
+    """A 6-block request swapped out, in, and out again with one more token written in between."""
+    r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    kv.grow(r, 22)
+    compute(kv, r, 22)
+    assert kv.swap_out(r)
+    kv.swapper.wait(r.swap)
+    assert kv.swap_in(r)
+    kv.swapper.wait(r.swap)
+    kv.grow(r, 1)
+    compute(kv, r, 1)
+    assert kv.swap_out(r)
+    return r
+
+
+def test_each_ablation_switches_off_its_own_mechanism():
+    full = make_kv("fastswitch", 16, 16)
+    round_trip_twice(full)
+    assert full.stats.swap_out_blocks == 6 + 1 and full.stats.copies == 3  # one copy per swap
+
+    no_reuse = make_kv("fastswitch", 16, 16, reuse=False)
+    round_trip_twice(no_reuse)
+    assert no_reuse.stats.swap_out_blocks == 6 + 6 and no_reuse.stats.reuse_saved_blocks == 0
+
+    no_groups = make_kv("fastswitch", 16, 16, block_groups=False)
+    round_trip_twice(no_groups)
+    assert no_groups.stats.swap_out_blocks == 6 + 1 and no_groups.stats.copies == 6 + 6 + 1  # one copy per block
+
+    synchronous = make_kv("fastswitch", 16, 16, asynchronous=False)
+    r = round_trip_twice(synchronous)
+    assert r.swap.done() and synchronous.stats.copies == 3  # already copied, on the compute path

@@ -51,9 +51,10 @@ class Engine:
         self.host_kv = KVPool(num_host_blocks, self.model_config.num_layers, config.block_size,
                               self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype,
                               torch.device("cpu"), host_for=device)
-        self.swapper = SwapManager(self.runner.kv.data, self.host_kv.data, config.swap_mode, self.stats)
+        self.swapper = SwapManager(self.runner.kv.data, self.host_kv.data, config.swap_mode, self.stats,
+                                   config.async_swap)
         self.kv = KVManager(num_blocks, num_host_blocks, config.block_size, self.stats, self.swapper,
-                            config.enable_prefix_caching)
+                            config.enable_prefix_caching, config.block_groups, config.kv_reuse)
         policy = make_policy(config.policy, config.seed, config.trace_pattern, config.trace_update_freq,
                              config.trace_levels, config.vtc_input_weight, config.vtc_output_weight,
                              config.user_weights())

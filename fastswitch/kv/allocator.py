@@ -162,6 +162,33 @@ class BlockAllocator:
         return True
 
 
+class FreeListAllocator:
+    """vLLM V0's allocator, for the ablation without block groups: single blocks off a free list, the
+    last freed first, so a request's blocks scatter as the pool churns and every copy is per block."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def largest_free_group(self) -> int:
+        return max((n for _, n in contiguous_runs(sorted(self._free))), default=0)
+
+    def allocate(self, n: int, owner: Hashable | None = None, after: int | None = None, expected: int = 0) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, block_ids: list[int]) -> None:
+        self._free += block_ids
+
+    def drop_reserve(self, owner: Hashable) -> None:
+        """No reserves here."""
+
+
 def _ceil_log2(n: int) -> int:
     return max(n - 1, 0).bit_length()
 

@@ -7,8 +7,8 @@ SwapManager, which reports completion through handles.
 Both tiers are BlockCaches: blocks are refcounted, and full blocks are named by their prefix hash.
 - A request's host copy is a prefix of its KV: `host_tokens` tokens in `host_block_ids`. It stays
   valid after a swap-in, so the next swap-out copies only the blocks written since; a full block
-  whose name is already on the host is referenced instead of copied. (`baseline` mode drops the
-  host copy after each swap-in: every block is copied every time.)
+  whose name is already on the host is referenced instead of copied. (`baseline` mode, and
+  `reuse=False`, drop the host copy after each swap-in: every block is copied every time.)
 - With prefix caching, a finished request's named blocks stay cached on the device (LRU) and are
   written back to the host; a new request reuses its longest cached prefix: device blocks directly,
   host blocks by swap-in, so only the rest of its prompt is prefilled.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from fastswitch.engine.request import Request
 from fastswitch.engine.stats import EngineStats
-from fastswitch.kv.allocator import BlockAllocator
+from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
 from fastswitch.kv.prefix import BlockCache, block_hashes
 from fastswitch.kv.swap import SwapHandle, SwapManager, plan_copies
 
@@ -30,11 +30,13 @@ GROWTH_HORIZON = 256  # output tokens a request's block group is sized for, at m
 
 class KVManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int, stats: EngineStats,
-                 swapper: SwapManager | None = None, prefix_caching: bool = False):
-        self.device = BlockCache(BlockAllocator(num_blocks))
-        self.host = BlockCache(BlockAllocator(num_host_blocks))
+                 swapper: SwapManager | None = None, prefix_caching: bool = False, block_groups: bool = True,
+                 reuse: bool = True):
+        allocator = BlockAllocator if block_groups else FreeListAllocator
+        self.device = BlockCache(allocator(num_blocks))
+        self.host = BlockCache(allocator(num_host_blocks))
         self.block_size, self.stats, self.swapper = block_size, stats, swapper
-        self.reuse = swapper is not None and swapper.mode == "fastswitch"
+        self.reuse = reuse and swapper is not None and swapper.mode == "fastswitch"
         self.prefix_caching = prefix_caching
         self._pending: list[tuple[SwapHandle, Callable[[], None]]] = []  # work to do once a copy is done
 

@@ -13,7 +13,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from fastswitch.kv.allocator import BlockAllocator
+from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
 
 
 def block_hashes(token_ids: list[int], block_size: int, known: list[bytes]) -> list[bytes]:
@@ -27,7 +27,7 @@ def block_hashes(token_ids: list[int], block_size: int, known: list[bytes]) -> l
 
 
 class BlockCache:
-    def __init__(self, allocator: BlockAllocator):
+    def __init__(self, allocator: BlockAllocator | FreeListAllocator):
         self.allocator = allocator
         self.refs: dict[int, int] = {}
         self.name_of: dict[int, bytes] = {}

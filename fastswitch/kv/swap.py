@@ -7,10 +7,12 @@ in each. Two modes:
   path: on a worker thread on CPU (torch copies release the GIL), on a dedicated CUDA stream with an
   event on GPU. The caller polls the returned handle; it waits only when it must. On CPU a swap
   smaller than INLINE_COPY_BYTES is copied inline: the hand-off would cost more than the copy.
+  `asynchronous=False` (an ablation) copies every run inline, on the compute path.
 - `baseline`: like vLLM V0, one copy per block, per layer, for K and for V, issued synchronously
   on the compute path.
 """
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -60,13 +62,14 @@ class SwapHandle:
 
 
 class SwapManager:
-    def __init__(self, device_pool: torch.Tensor, host_pool: torch.Tensor, mode: str, stats: EngineStats):
+    def __init__(self, device_pool: torch.Tensor, host_pool: torch.Tensor, mode: str, stats: EngineStats,
+                 asynchronous: bool = True):
         if mode not in MODES:
             raise ValueError(f"invalid swap_mode {mode!r}; choose from {', '.join(MODES)}")
         self.device_pool, self.host_pool, self.mode, self.stats = device_pool, host_pool, mode, stats
         self.block_bytes = device_pool[0].numel() * device_pool.element_size()
         self.cuda = device_pool.is_cuda
-        self.inline_bytes = 0 if self.cuda else INLINE_COPY_BYTES
+        self.inline_bytes = math.inf if not asynchronous else 0 if self.cuda else INLINE_COPY_BYTES
         if mode == "fastswitch" and self.cuda:
             self._streams = {"out": torch.cuda.Stream(device_pool.device), "in": torch.cuda.Stream(device_pool.device)}
         elif mode == "fastswitch":
