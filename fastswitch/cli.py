@@ -1,6 +1,7 @@
 """The `fastswitch` command. Bad input ends with a one-line message and exit code 2."""
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -100,7 +101,57 @@ def _parser() -> argparse.ArgumentParser:
                       help="model folders (comma-separated) for the background-swap slowdown run; 'default': the "
                            "tiny demo model; 'none': skip it")
     swap.set_defaults(func=_bench_swap)
+    _bench_run_parser(benches)
+    compare = benches.add_parser("compare", help="compare runs: a markdown table and plots",
+                                 description="Print a markdown table of the runs' figures (ratios against the first "
+                                             "run) and write compare.md, ttft_cdf.png, tail_latency.png and "
+                                             "swap_bytes.png.")
+    compare.add_argument("dirs", nargs="+", help="folders that 'bench run --out' wrote; the first is the reference")
+    compare.add_argument("--out", help="folder for the table and plots (default: the first folder's parent)")
+    compare.set_defaults(func=_bench_compare)
     return parser
+
+
+def _bench_run_parser(benches) -> None:
+    from fastswitch.bench.runner import PRESETS, PRIORITY_PATTERNS
+    from fastswitch.bench.workload import SyntheticSpec
+
+    run = benches.add_parser(
+        "run", help="the multi-turn conversation benchmark, offline or over HTTP",
+        description="Run a multi-turn conversation workload (synthetic ShareGPT-like, or a ShareGPT JSON file) "
+                    "under changing priorities, and write DIR/results.json: a summary (TTFT, TBT, throughput, "
+                    "goodput, preemptions, swap traffic, reuse, stall), every request's record, and the "
+                    "configuration. The preset sets the context-switching mechanisms; other engine options are yours.")
+    run.add_argument("--preset", default="fastswitch", choices=list(PRESETS),
+                     help="baseline: vLLM V0-style swaps; fastswitch: everything on; fastswitch-groups/-async/-reuse: "
+                          "that mechanism off; recompute: preempt by recomputation (default: fastswitch)")
+    run.add_argument("--out", required=True, help="folder to write results.json to")
+    run.add_argument("--label", help="the run's name in comparisons (default: the preset; 'server' with --url)")
+    run.add_argument("--mode", default="offline", choices=["offline", "http"],
+                     help="offline: drive the engine in this process; http: stream from a server (default: offline)")
+    run.add_argument("--url", help="http mode: an OpenAI-compatible server's /v1 URL (default: start 'fastswitch "
+                                   "serve' with the preset)")
+    run.add_argument("--priorities", default="markov", choices=PRIORITY_PATTERNS,
+                     help="how priorities change: offline, per iteration (trace policy, --trace-update-freq); over "
+                          "HTTP, per request; none: the engine's --policy decides (default: markov)")
+    run.add_argument("--slo-ttft", type=float, help="goodput: a request's TTFT must be at most this (seconds)")
+    run.add_argument("--slo-tbt", type=float, help="goodput: a request's mean time between tokens must be at most this")
+    work = run.add_argument_group("workload")
+    spec = SyntheticSpec()
+    work.add_argument("--workload", default="synthetic", help="'synthetic', or a ShareGPT-format JSON file")
+    work.add_argument("--conversations", type=int, default=spec.conversations, help=f"(default: {spec.conversations})")
+    work.add_argument("--rate", type=float, default=spec.rate, help=f"conversations per second (default: {spec.rate})")
+    work.add_argument("--input-mean", type=float, default=spec.input_mean,
+                      help=f"synthetic: mean tokens per user message (default: {spec.input_mean})")
+    work.add_argument("--output-mean", type=float, default=spec.output_mean,
+                      help=f"synthetic: mean tokens per reply (default: {spec.output_mean})")
+    work.add_argument("--think-mean", type=float, default=spec.think_mean_s,
+                      help=f"mean seconds between a reply and the next turn (default: {spec.think_mean_s})")
+    work.add_argument("--max-context", type=int, default=2048, help="tokens a conversation may reach (default: 2048)")
+    work.add_argument("--users", type=int, default=spec.users, help=f"(default: {spec.users})")
+    work.add_argument("--workload-seed", type=int, default=0, help="(default: 0)")
+    EngineConfig.add_cli_args(run)
+    run.set_defaults(func=_bench_run)
 
 
 def _demo_model(args) -> int:
@@ -145,6 +196,91 @@ def _bench_swap(args) -> int:
     interference = [] if args.interference_models == "none" else [
         str(default_model_path()) if m == "default" else m for m in args.interference_models.split(",")]
     run(models, tokens, args.device, args.dtype, args.block_size, args.repeats, args.json, args.plot, interference)
+    return 0
+
+
+def _bench_run(args) -> int:
+    import asyncio
+    import dataclasses
+    import json
+    import platform
+
+    from fastswitch.bench import report, runner
+    from fastswitch.engine.engine import Engine
+
+    if args.url and args.mode != "http":
+        raise ValueError("--url needs --mode http")
+    for name in ("conversations", "rate", "input_mean", "output_mean", "max_context", "users"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    config = dataclasses.replace(EngineConfig.from_cli_args(args), **runner.PRESETS[args.preset])
+    if args.priorities != "none":  # offline, the engine re-draws priorities; over HTTP, the client sends them
+        config = dataclasses.replace(config, policy="trace" if args.mode == "offline" else "priority",
+                                     trace_pattern=args.priorities)
+    conversations = _workload(args, config)
+    label = args.label or ("server" if args.url else args.preset)
+    print(f"{label}: {len(conversations)} conversations, {sum(len(c.turns) for c in conversations)} requests, "
+          f"{args.mode}", flush=True)
+    if args.mode == "offline":
+        engine = Engine(config)
+        before = runner.engine_counters(engine.stats)
+        records, duration = runner.run_offline(engine, conversations)
+        counters = {k: v - before[k] for k, v in runner.engine_counters(engine.stats).items()}
+    else:
+        with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
+            before = runner.server_counters(url)
+            records, duration = asyncio.run(runner.run_http(url, conversations, args.priorities, config.trace_levels,
+                                                            args.workload_seed))
+            after = runner.server_counters(url)
+        counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
+    summary = report.summarize(records, duration, counters, args.slo_ttft, args.slo_tbt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"label": label, "preset": None if args.url else args.preset, "mode": args.mode,
+               "url": args.url, "command": "fastswitch " + " ".join(sys.argv[1:]),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.node()} {platform.machine()} "
+               f"{os.cpu_count()} cores", "config": None if args.url else dataclasses.asdict(config),
+               "workload": {k: v for k, v in vars(args).items() if k in _WORKLOAD_ARGS}, "summary": summary,
+               "requests": [dataclasses.asdict(r) for r in records]}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(report.table([results]))
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+_WORKLOAD_ARGS = ("workload", "conversations", "rate", "input_mean", "output_mean", "think_mean", "max_context",
+                  "users", "workload_seed", "priorities", "slo_ttft", "slo_tbt")
+
+
+def _workload(args, config: EngineConfig):
+    from fastswitch.bench import workload
+    from fastswitch.model.config import ModelConfig
+
+    path = config.model or default_model_path()
+    max_context = min(args.max_context, config.max_model_len or ModelConfig.from_folder(path).max_position_embeddings)
+    if args.workload != "synthetic":
+        if not Path(args.workload).is_file():
+            raise ValueError(f"--workload: {args.workload!r} is neither 'synthetic' nor a file")
+        from fastswitch.model.tokenizer import Tokenizer
+
+        return workload.load_sharegpt(args.workload, Tokenizer(path), args.rate, args.workload_seed,
+                                      args.conversations, max_context=max_context, users=args.users)
+    return workload.synthetic(workload.SyntheticSpec(
+        conversations=args.conversations, rate=args.rate, input_mean=args.input_mean, output_mean=args.output_mean,
+        think_mean_s=args.think_mean, max_context=max_context, users=args.users, seed=args.workload_seed))
+
+
+def _bench_compare(args) -> int:
+    from fastswitch.bench import report
+
+    runs = [report.load(d) for d in args.dirs]
+    out = Path(args.out or Path(args.dirs[0]).resolve().parent)
+    out.mkdir(parents=True, exist_ok=True)
+    text = report.table(runs)
+    (out / "compare.md").write_text(text + "\n")
+    print(text)
+    for path in report.plot(runs, out):
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,145 @@
+"""Benchmark figures from per-request records, and the side-by-side of several runs (table and plots).
+
+Latencies are in seconds. TTFT is measured from a request's arrival (offline) or from when it was
+sent (HTTP); TBT pools every gap between consecutive tokens of every request. A request meets the
+SLO when its TTFT is at most `slo_ttft` and its mean TBT at most `slo_tbt`. Jain's fairness index
+is over per-user service, counted as VTC counts it by default (a prompt token 1, an output token 2):
+1 when every user got the same, 1/users when one got everything.
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from fastswitch.bench.runner import COUNTERS, RequestRecord
+
+PERCENTILES = {"p50": 50, "p95": 95, "p99": 99, "p999": 99.9}
+TABLE = [  # (column, summary key, format)
+    ("TTFT P50 s", "ttft_p50", "{:.3f}"), ("TTFT P99 s", "ttft_p99", "{:.3f}"), ("TTFT P99.9 s", "ttft_p999", "{:.3f}"),
+    ("TBT P99 s", "tbt_p99", "{:.3f}"), ("TBT P99.9 s", "tbt_p999", "{:.3f}"),
+    ("tok/s", "throughput_tok_s", "{:.1f}"), ("goodput req/s", "goodput_req_s", "{:.2f}"),
+    ("preemptions", "preemptions", "{:.0f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
+    ("swap-out MB", "swap_out_bytes", "{:.1f}"), ("reuse-saved blocks", "reuse_saved_blocks", "{:.0f}"),
+    ("stall s", "stall_s", "{:.2f}"),
+]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def summarize(records: list[RequestRecord], duration_s: float, counters: dict[str, float | None],
+              slo_ttft: float | None = None, slo_tbt: float | None = None) -> dict:
+    ttft = [r.ttft_s for r in records]
+    tbt = [gap for r in records for gap in r.tbt_s]
+    output_tokens = sum(r.output_tokens for r in records)
+    summary = {"requests": len(records), "duration_s": duration_s, "output_tokens": output_tokens,
+               "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else None}
+    summary |= {f"ttft_{name}": percentile(ttft, q) for name, q in PERCENTILES.items()}
+    summary |= {f"tbt_{name}": percentile(tbt, q) for name, q in PERCENTILES.items() if name != "p95"}
+    met = [r for r in records if _meets(r, slo_ttft, slo_tbt)]
+    summary |= {"slo_ttft": slo_ttft, "slo_tbt": slo_tbt, "slo_attainment": len(met) / len(records) if records else None,
+                "goodput_req_s": len(met) / duration_s if duration_s > 0 else None}
+    by_priority = defaultdict(list)
+    for r in records:
+        if r.priority is not None:
+            by_priority[r.priority].append(r.ttft_s)
+    summary["ttft_p99_by_priority"] = {str(p): percentile(v, 99) for p, v in sorted(by_priority.items())}
+    summary["jain_index"] = jain_index(records)
+    return summary | {key: counters.get(key) for key in COUNTERS}
+
+
+def _meets(r: RequestRecord, slo_ttft: float | None, slo_tbt: float | None) -> bool:
+    mean_tbt = sum(r.tbt_s) / len(r.tbt_s) if r.tbt_s else 0.0
+    return (slo_ttft is None or r.ttft_s <= slo_ttft) and (slo_tbt is None or mean_tbt <= slo_tbt)
+
+
+def jain_index(records: list[RequestRecord]) -> float | None:
+    service = defaultdict(float)
+    for r in records:
+        service[r.user] += r.prompt_tokens + 2 * r.output_tokens
+    x = np.array(list(service.values()))
+    return float(x.sum() ** 2 / (len(x) * (x**2).sum())) if len(x) and x.any() else None
+
+
+# -- comparing runs -------------------------------------------------------------------------------------
+
+
+def load(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no results.json (write one with 'fastswitch bench run --out {run_dir}')")
+    return json.loads(path.read_text())
+
+
+def table(runs: list[dict]) -> str:
+    """A markdown table, one row per run, and how each compares with the first."""
+    header = ["run", *(c for c, _, _ in TABLE), "first's P99 TTFT ÷ this", "tok/s ÷ first's"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = runs[0]["summary"]
+    for run in runs:
+        s = run["summary"]
+        cells = [run["label"]]
+        for _, key, fmt in TABLE:
+            value = s.get(key)
+            cells.append("—" if value is None else fmt.format(value / 1e6 if key == "swap_out_bytes" else value))
+        cells.append(_ratio(first.get("ttft_p99"), s.get("ttft_p99"), "{:.2f}×"))
+        cells.append(_ratio(s.get("throughput_tok_s"), first.get("throughput_tok_s"), "{:.2f}×"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float | None, b: float | None, fmt: str) -> str:
+    return fmt.format(a / b) if a and b else "—"
+
+
+def plot(runs: list[dict], out_dir: Path) -> list[Path]:
+    """TTFT CDFs, tail-latency bars and swap traffic, one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in runs]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        ttft = np.sort([r["ttft_s"] for r in run["requests"]])
+        ax.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=run["label"])
+    ax.set(xscale="log", xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "ttft_cdf.png"))
+
+    keys = ["ttft_p95", "ttft_p99", "ttft_p999", "tbt_p99", "tbt_p999"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        ax.bar(np.arange(len(keys)) + i * width, [run["summary"].get(k) or 0 for k in keys], width, label=run["label"])
+    ax.set_xticks(np.arange(len(keys)) + width * (len(runs) - 1) / 2, [k.replace("_", " ").upper() for k in keys])
+    ax.set(yscale="log", ylabel="seconds", title="Tail latency (lower is better)")
+    ax.legend()
+    paths.append(_save(fig, out_dir / "tail_latency.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    out = [(r["summary"].get("swap_out_bytes") or 0) / 1e6 for r in runs]
+    back = [(r["summary"].get("swap_in_bytes") or 0) / 1e6 for r in runs]
+    ax.bar(labels, out, label="swapped out")
+    ax.bar(labels, back, bottom=out, label="swapped in")
+    ax.set(ylabel="MB copied", title="Swap traffic")
+    ax.tick_params(axis="x", rotation=20)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "swap_bytes.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

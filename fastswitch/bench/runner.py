@@ -1,0 +1,257 @@
+"""Runs a conversation workload and records when every token arrived.
+
+- `run_offline` drives an `Engine` in this process, in real time: a turn is added when its
+  conversation arrives, or its think time after the previous reply has passed.
+- `run_http` is an asyncio client for any OpenAI-compatible server (FastSwitch or vLLM): streaming
+  /v1/completions with token-id prompts, and `return_token_ids` for each reply's exact tokens, from
+  which the next turn's history is built.
+
+Priorities: offline, `random` and `markov` re-draw them every iteration through the `trace` policy;
+over HTTP a request carries one, drawn when it is sent (`random`: any level; `markov`: one level up
+or down from the conversation's previous turn).
+"""
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import httpx
+from tqdm import tqdm
+
+from fastswitch.bench.workload import Conversation, history_prompt
+from fastswitch.config import EngineConfig
+from fastswitch.engine.engine import Engine
+from fastswitch.engine.request import RequestOutput
+from fastswitch.engine.stats import EngineStats
+from fastswitch.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PRESETS = {  # engine options each preset sets; every other option is the user's
+    "baseline": dict(swap_mode="baseline", block_groups=False, async_swap=False, kv_reuse=False,
+                     enable_prefix_caching=False),  # vLLM V0: per-block, per-layer synchronous swaps, no reuse
+    "fastswitch": dict(swap_mode="fastswitch", block_groups=True, async_swap=True, kv_reuse=True),
+    "fastswitch-groups": dict(swap_mode="fastswitch", block_groups=False, async_swap=True, kv_reuse=True),
+    "fastswitch-async": dict(swap_mode="fastswitch", block_groups=True, async_swap=False, kv_reuse=True),
+    "fastswitch-reuse": dict(swap_mode="fastswitch", block_groups=True, async_swap=True, kv_reuse=False,
+                             enable_prefix_caching=False),
+    "recompute": dict(preemption_mode="recompute"),  # as vLLM V1 and SGLang preempt
+}
+PRIORITY_PATTERNS = ("none", "random", "markov")
+COUNTERS = {  # summary key -> EngineStats field, and the Prometheus samples FastSwitch and vLLM expose it as
+    "preemptions": ("preemptions", ("fastswitch:preemptions_total", "vllm:num_preemptions_total")),
+    "swap_out_blocks": ("swap_out_blocks", ("fastswitch:swap_out_blocks_total",)),
+    "swap_out_bytes": ("swap_out_bytes", ("fastswitch:swap_out_bytes_total",)),
+    "swap_in_blocks": ("swap_in_blocks", ("fastswitch:swap_in_blocks_total",)),
+    "swap_in_bytes": ("swap_in_bytes", ("fastswitch:swap_in_bytes_total",)),
+    "swap_copies": ("copies", ("fastswitch:swap_copies_total",)),
+    "reuse_saved_blocks": ("reuse_saved_blocks", ("fastswitch:reuse_saved_blocks_total",)),
+    "recompute_fallbacks": ("recompute_fallbacks", ("fastswitch:recompute_fallbacks_total",)),
+    "stall_s": ("stall_s", ("fastswitch:stall_seconds_total",)),
+}
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    conversation: str
+    turn: int
+    user: str
+    priority: int | None  # at arrival
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int | None
+    arrival_s: float  # since the run started
+    ttft_s: float
+    tbt_s: list[float]  # gaps between consecutive tokens
+    preemptions: int | None = None
+
+
+def run_offline(engine: Engine, conversations: list[Conversation], progress: bool = True) -> tuple[list[RequestRecord], float]:
+    """Every turn of every conversation through `engine`; returns the records and the run's duration."""
+    start = time.monotonic()
+    due = [(c.arrival_s, n, 0) for n, c in enumerate(conversations)]  # (seconds since start, conversation, turn)
+    heapq.heapify(due)
+    replies: list[list[list[int]]] = [[] for _ in conversations]
+    live: dict[str, tuple[int, int, int]] = {}  # request id -> (conversation, turn, priority at arrival)
+    records = []
+    with tqdm(total=sum(len(c.turns) for c in conversations), unit="req", disable=not progress) as bar:
+        while due or engine.has_unfinished_requests():
+            now = time.monotonic() - start
+            while due and due[0][0] <= now:
+                at, n, k = heapq.heappop(due)
+                c = conversations[n]
+                request_id = engine.add_request(history_prompt(c, k, replies[n]), _params(c, k), f"{c.id}:{k}",
+                                                arrival_time=start + at, user=c.user)
+                live[request_id] = (n, k, engine.requests[request_id].priority)
+            if not engine.has_unfinished_requests():
+                time.sleep(due[0][0] - now)  # idle until the next arrival
+                continue
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                n, k, priority = live.pop(out.request_id)
+                c = conversations[n]
+                replies[n].append(out.token_ids)
+                records.append(_offline_record(out, c, k, priority, start))
+                if k + 1 < len(c.turns):
+                    heapq.heappush(due, (out.metrics.finish_time - start + c.turns[k + 1].think_s, n, k + 1))
+                bar.update()
+    return records, time.monotonic() - start
+
+
+def engine_counters(stats: EngineStats) -> dict[str, float]:
+    return {key: getattr(stats, field) for key, (field, _) in COUNTERS.items()}
+
+
+def _params(c: Conversation, turn: int) -> SamplingParams:
+    return SamplingParams(max_tokens=c.turns[turn].reply_len, ignore_eos=True, temperature=0.0)
+
+
+def _offline_record(out: RequestOutput, c: Conversation, turn: int, priority: int, start: float) -> RequestRecord:
+    m = out.metrics
+    return RequestRecord(out.request_id, c.id, turn, c.user, priority, len(out.prompt_token_ids), len(out.token_ids),
+                         out.num_cached_tokens, m.arrival_time - start, m.first_token_time - m.arrival_time,
+                         [b - a for a, b in zip(m.token_times, m.token_times[1:])], m.num_preemptions)
+
+
+# -- over HTTP ------------------------------------------------------------------------------------------
+
+
+async def run_http(url: str, conversations: list[Conversation], priorities: str = "none", levels: int = 4,
+                   seed: int = 0, progress: bool = True) -> tuple[list[RequestRecord], float]:
+    """Every turn of every conversation against the server at `url` (its /v1 base)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=None, limits=limits) as client:
+        model = (await _get_json(client, "/models"))["data"][0]["id"]
+        records: list[RequestRecord] = []
+        with tqdm(total=sum(len(c.turns) for c in conversations), unit="req", disable=not progress) as bar:
+            start = time.monotonic()
+            await asyncio.gather(*(_converse(client, model, c, _priorities(priorities, levels, seed, n, len(c.turns)),
+                                             start, records, bar) for n, c in enumerate(conversations)))
+        return records, time.monotonic() - start
+
+
+def _priorities(pattern: str, levels: int, seed: int, n: int, turns: int) -> list[int | None]:
+    """Each turn's priority, drawn from the conversation's own seeded stream (so it does not depend on timing)."""
+    if pattern not in PRIORITY_PATTERNS:
+        raise ValueError(f"invalid priority pattern {pattern!r}; choose from {', '.join(PRIORITY_PATTERNS)}")
+    if pattern == "none":
+        return [None] * turns
+    rng = random.Random(seed * 1_000_003 + n)
+    drawn = [rng.randrange(levels)]
+    for _ in range(turns - 1):
+        step = rng.choice((-1, 1))
+        drawn.append(rng.randrange(levels) if pattern == "random" else min(levels - 1, max(0, drawn[-1] + step)))
+    return drawn
+
+
+async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, priorities: list[int | None], start: float,
+                    records: list[RequestRecord], bar: tqdm) -> None:
+    await asyncio.sleep(max(0.0, start + c.arrival_s - time.monotonic()))
+    replies: list[list[int]] = []
+    for k, turn in enumerate(c.turns):
+        if k:
+            await asyncio.sleep(turn.think_s)
+        prompt = history_prompt(c, k, replies)
+        body = {"model": model, "prompt": prompt, "max_tokens": turn.reply_len, "ignore_eos": True,
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+                "return_token_ids": True, "user": c.user}
+        if priorities[k] is not None:
+            body["priority"] = priorities[k]
+        sent = time.monotonic()
+        tokens, times, cached = await _stream(client, body)
+        if len(tokens) != turn.reply_len:
+            raise RuntimeError(f"{c.id} turn {k}: asked for {turn.reply_len} tokens, got {len(tokens)} "
+                               "(does the server return token ids with return_token_ids?)")
+        replies.append(tokens)
+        records.append(RequestRecord(f"{c.id}:{k}", c.id, k, c.user, priorities[k], len(prompt), len(tokens), cached,
+                                     sent - start, times[0] - sent, [b - a for a, b in zip(times, times[1:])]))
+        bar.update()
+
+
+async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[int], list[float], int | None]:
+    """The streamed reply's token ids, the time each arrived, and the cached prompt tokens if reported."""
+    tokens, times, cached = [], [], None
+    async with client.stream("POST", "/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk, now = json.loads(line[6:]), time.monotonic()
+            for choice in chunk.get("choices") or []:
+                ids = choice.get("token_ids") or []
+                tokens += ids
+                times += [now] * len(ids)  # a chunk with several tokens: they arrived together
+            details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens", cached)
+    return tokens, times, cached
+
+
+async def _get_json(client: httpx.AsyncClient, path: str) -> dict:
+    response = await client.get(path)
+    response.raise_for_status()
+    return response.json()
+
+
+def server_counters(url: str) -> dict[str, float | None]:
+    """The counters a server's Prometheus /metrics exposes (None for those it does not)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30)
+    response.raise_for_status()
+    values: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            values[sample.name] += sample.value  # summed over labels (preemptions by mode)
+    return {key: next((values[n] for n in names if n in values), None) for key, (_, names) in COUNTERS.items()}
+
+
+@contextlib.contextmanager
+def fastswitch_server(config: EngineConfig, startup_timeout_s: float = 600.0):
+    """`fastswitch serve` with this configuration in a child process; yields its /v1 URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "fastswitch", "serve", "--port", str(port), *_cli_args(config)]
+    log.info("starting %s", " ".join(argv))
+    server = subprocess.Popen(argv)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fastswitch serve did not start (exit code {server.poll()})")
+            time.sleep(0.2)  # polling a child process's readiness
+        yield url + "/v1"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _cli_args(config: EngineConfig) -> list[str]:
+    args = []
+    for name, value in asdict(config).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else flag.replace("--", "--no-", 1))
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
