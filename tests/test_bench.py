@@ -100,3 +100,16 @@ def test_http_run_against_a_fastswitch_server(tmp_path, capsys, llama_dir):
 def test_bad_bench_arguments_are_one_line_and_exit_code_2(capsys, tmp_path, llama_dir, argv, message):
     code, _, err = run_cli(capsys, "bench", "run", "--model", llama_dir, "--out", str(tmp_path), *argv)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_sharegpt_file_drives_a_run(tmp_path, capsys, llama_dir):
+    turns = [{"from": "human", "value": "What is a context switch?"}, {"from": "gpt", "value": "A pause and resume."},
+             {"from": "human", "value": "And what does it cost?"}, {"from": "gpt", "value": "A copy of its KV."}]
+    (tmp_path / "sharegpt.json").write_text(json.dumps([{"id": "a", "conversations": turns},
+                                                         {"id": "b", "conversations": turns[:2]}]))
+    code, _, _ = run_cli(capsys, "bench", "run", "--workload", str(tmp_path / "sharegpt.json"), "--model", llama_dir,
+                         "--rate", "50", "--out", str(tmp_path / "run"))
+    assert code == 0
+    run = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert sorted(r["id"] for r in run["requests"]) == ["a:0", "a:1", "b:0"]
+    assert run["requests"][0]["output_tokens"] > 0 and run["workload"]["workload"].endswith("sharegpt.json")
