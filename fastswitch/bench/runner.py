@@ -150,8 +150,8 @@ def _priorities(pattern: str, levels: int, seed: int, n: int, turns: int) -> lis
     rng = random.Random(seed * 1_000_003 + n)
     drawn = [rng.randrange(levels)]
     for _ in range(turns - 1):
-        step = rng.choice((-1, 1))
-        drawn.append(rng.randrange(levels) if pattern == "random" else min(levels - 1, max(0, drawn[-1] + step)))
+        drawn.append(rng.randrange(levels) if pattern == "random"
+                     else min(levels - 1, max(0, drawn[-1] + rng.choice((-1, 1)))))
     return drawn
 
 
