@@ -22,6 +22,10 @@ class EngineConfig:
                       choices=["auto", *DTYPES])
     device: str = _opt("auto", "'cuda', 'cpu', or 'auto' (cuda when available)")
     block_size: int = _opt(16, "tokens per KV block")
+    attention_backend: str = _opt("auto", "'cpu': a compiled kernel that reads the paged KV in place (built for this "
+                                          "CPU on first use); 'torch': the reference, which gathers and pads; "
+                                          "'auto': cpu on a CPU when it builds, else torch",
+                                  choices=["auto", "cpu", "torch"])
     max_model_len: int | None = _opt(None, "context limit (prompt + output); default: the model's")
     max_num_seqs: int = _opt(256, "most requests in one iteration's batch")
     max_num_batched_tokens: int = _opt(2048, "token budget of one iteration; longer prompts are prefilled in chunks")

@@ -1,4 +1,5 @@
-"""Greedy fp32 generation is token-identical to transformers, however the engine batches the work."""
+"""Greedy fp32 generation is token-identical to transformers, however the engine batches the work, on every
+attention backend."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from tests.reference import hf_greedy, hf_logits
 
 MAX_TOKENS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+BACKENDS = ["cpu", "torch"]
 
 RUNS = {
     "roomy": dict(),
@@ -28,10 +30,11 @@ def references(model_dirs, prompts):
     return {name: [hf_greedy(model_dirs[name], p, MAX_TOKENS) for p in prompts] for name in MODELS}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("model", MODELS)
-def test_greedy_matches_transformers(model, run, model_dirs, prompts, references):
-    llm = LLM(model_dirs[model], dtype="float32", device="cpu", **RUNS[run])
+def test_greedy_matches_transformers(model, run, backend, model_dirs, prompts, references):
+    llm = LLM(model_dirs[model], dtype="float32", device="cpu", attention_backend=backend, **RUNS[run])
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out, expected in zip(prompts, outputs, references[model]):
         assert out.token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
@@ -40,6 +43,20 @@ def test_greedy_matches_transformers(model, run, model_dirs, prompts, references
         assert sum(o.metrics.num_preemptions for o in outputs) > 0, "the tight pool should force preemption"
         assert llm.engine.stats.swap_out_blocks > 0, "preemption under memory pressure swaps by default"
     assert llm.engine.kv.device.num_available == llm.engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", ["llama", "qwen3"])
+def test_greedy_matches_transformers_over_cached_prefixes(model, backend, model_dirs, prompts, references):
+    """Second turns: each prompt again plus its reply, served from the prefix cache, then extended."""
+    llm = LLM(model_dirs[model], dtype="float32", device="cpu", attention_backend=backend, num_kv_blocks=64,
+              max_num_batched_tokens=128)
+    first = llm.generate(prompts, GREEDY, use_tqdm=False)
+    turns = [p + o.token_ids for p, o in zip(prompts, first)]
+    second = llm.generate(turns, GREEDY, use_tqdm=False)
+    for turn, out in zip(turns, second):
+        assert out.token_ids == hf_greedy(model_dirs[model], turn, MAX_TOKENS)
+    assert sum(o.num_cached_tokens for o in second) > 0
 
 
 def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tensor:
@@ -57,9 +74,10 @@ def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tenso
     return torch.cat(pieces)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model", MODELS)
-def test_prefill_logits_match_transformers(model, model_dirs, prompts):
-    llm = LLM(model_dirs[model], dtype="float32", device="cpu", num_kv_blocks=64)
+def test_prefill_logits_match_transformers(model, backend, model_dirs, prompts):
+    llm = LLM(model_dirs[model], dtype="float32", device="cpu", num_kv_blocks=64, attention_backend=backend)
     prompt = prompts[-1]
     expected = hf_logits(model_dirs[model], prompt)
     whole = _prefill_logits(llm.engine, prompt, [len(prompt)])

@@ -42,7 +42,7 @@ class Engine:
         self.dtype = config.torch_dtype(self.model_config.torch_dtype)
         device = torch.device(config.device)
         self.runner = ModelRunner(self.model_config, self.dtype, device, self.max_model_len, config.block_size,
-                                  config.seed)
+                                  config.seed, config.attention_backend)
         num_blocks = config.num_kv_blocks or _blocks_for_budget(config, self.model_config, self.dtype, device)
         self.runner.allocate_kv(num_blocks)
         self.stats = EngineStats()
@@ -65,9 +65,9 @@ class Engine:
             self.scheduler.costs.copy_bytes_per_s = self.swapper.measure_bandwidth()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        log.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens (%d on the host), context limit %d",
-                 self.model_config.arch, self.dtype, device, num_blocks, config.block_size, num_host_blocks,
-                 self.max_model_len)
+        log.info("engine ready: %s, %s on %s, %s attention, %d KV blocks of %d tokens (%d on the host), "
+                 "context limit %d", self.model_config.arch, self.dtype, device, self.runner.attention.name, num_blocks,
+                 config.block_size, num_host_blocks, self.max_model_len)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, priority: int = 0, user: str | None = None) -> str:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastswitch.model.attention import AttentionMetadata, paged_attention
 from fastswitch.model.config import ModelConfig
 
 
@@ -89,7 +88,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, rope, kv_layer, meta: AttentionMetadata):
+    def forward(self, x, rope, kv_layer, meta):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -97,7 +96,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = paged_attention(q, k, v, kv_layer[0], kv_layer[1], meta, self.scale)
+        o = meta.attend(q, k, v, kv_layer[0], kv_layer[1], self.scale)
         return self.o_proj(o.flatten(1))
 
 
@@ -135,8 +134,9 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
 
-    def forward(self, input_ids, positions, kv_layers, meta: AttentionMetadata) -> torch.Tensor:
-        """Flat batch in, final hidden states out ([T, hidden]). kv_layers[i] is layer i's (K, V) pool."""
+    def forward(self, input_ids, positions, kv_layers, meta) -> torch.Tensor:
+        """Flat batch in, final hidden states out ([T, hidden]). kv_layers[i] is layer i's (K, V) pool; `meta`
+        is the attention backend's metadata for this step (see model/attention)."""
         x = F.embedding(input_ids, self.embed_tokens)
         rope = self.rope(positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_layers):

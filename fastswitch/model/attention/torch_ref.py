@@ -1,16 +1,17 @@
-"""Paged attention over the block-major KV pool, for a mixed batch of prefill chunks and decodes.
+"""The reference backend, in plain torch: the oracle the kernels are tested against, and the fallback.
 
-The batch is flat: T tokens from several sequences. Each layer writes its new K/V into the pool at
-the tokens' slots, then attends each sequence's queries to that sequence's whole context (cached
-tokens plus the new ones). Sequences with one query token (decodes) are attended together in one
-padded call; sequences with several (prefills, chunked or not) one at a time. `paged_attention` is
-the single entry point, so a fused kernel can replace it on CUDA.
+Each layer writes its new K/V into the pool at the tokens' slots, then attends. Sequences with one
+query token (decodes) are attended together in one call, their blocks gathered and padded to the
+longest context; sequences with several (prefills, chunked or not) one at a time with SDPA, over
+the gathered prefix with a mask when part of the context is cached.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from fastswitch.model.attention import StepBatch
 
 
 @dataclass
@@ -30,14 +31,60 @@ class DecodeBatch:
 
 
 @dataclass
-class AttentionMetadata:
+class TorchMetadata:
     slot_blocks: torch.Tensor  # [T] block of each new token's KV
     slot_offsets: torch.Tensor  # [T] offset inside that block
     prefills: list[PrefillSeq]
     decodes: DecodeBatch | None
 
+    def attend(self, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale)
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+
+class TorchAttention:
+    name = "torch"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def prepare(self, batch: StepBatch) -> TorchMetadata:
+        bs, prefills, decodes = batch.block_size, [], []
+        for i, (context, blocks) in enumerate(zip(batch.seq_lens, batch.block_tables)):
+            first, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+            if end - first == 1:
+                decodes.append((first, context, blocks))
+            else:
+                prefills.append(self._prefill_seq(first, end, context, blocks))
+        slots = torch.tensor(batch.slot_mapping, dtype=torch.long)
+        return TorchMetadata(
+            slot_blocks=self._tensor(slots // bs), slot_offsets=self._tensor(slots % bs), prefills=prefills,
+            decodes=self._decode_batch(decodes, bs) if decodes else None,
+        )
+
+    def _prefill_seq(self, first: int, end: int, context: int, blocks: list[int]) -> PrefillSeq:
+        n = end - first
+        if context == n:
+            return PrefillSeq(first, end, context, self._tensor([]), mask=None)
+        query_pos = torch.arange(context - n, context).unsqueeze(1)
+        mask = torch.arange(context).unsqueeze(0) <= query_pos
+        return PrefillSeq(first, end, context, self._tensor(blocks), mask.to(self.device))
+
+    def _decode_batch(self, rows: list[tuple[int, int, list[int]]], block_size: int) -> DecodeBatch:
+        width = max(len(blocks) for _, _, blocks in rows)
+        tables = [blocks + [0] * (width - len(blocks)) for _, _, blocks in rows]
+        context = torch.tensor([end for _, end, _ in rows]).unsqueeze(1)
+        mask = torch.arange(width * block_size).unsqueeze(0) < context
+        return DecodeBatch(
+            token_index=self._tensor([first for first, _, _ in rows]),
+            block_tables=self._tensor(tables),
+            mask=mask[:, None, None, :].to(self.device),
+        )
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TorchMetadata):
     """k_cache/v_cache: one layer's [num_blocks, block_size, kv_heads, head_dim] views of the pool."""
     k_cache[meta.slot_blocks, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, meta.slot_offsets] = v
@@ -55,7 +102,7 @@ def paged_attention(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: TorchMetadata,
     scale: float,
 ) -> torch.Tensor:
     write_kv(k_cache, v_cache, k, v, meta)

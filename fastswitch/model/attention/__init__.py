@@ -1,0 +1,48 @@
+"""Paged attention backends, one per file, behind one seam.
+
+The model runner describes each step's batch once, as flat data (`StepBatch`); the chosen backend
+turns it into its own metadata once per step (`prepare`), and every layer calls `meta.attend(...)`,
+which writes the new tokens' K/V into the pool at their slots and attends each sequence's queries to
+its whole context (cached tokens plus the new ones, causal inside a prefill chunk).
+
+- `torch_ref.py`: the reference in plain torch (gathers the blocks, pads decodes); the oracle and the
+  fallback.
+- `cpu.py`: a C++ kernel that reads the block-major pool in place through the block table.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpu", "torch")
+
+
+@dataclass
+class StepBatch:
+    """One step's sequences, in batch order; sequence i owns flat tokens query_start_loc[i]:[i + 1]."""
+
+    query_start_loc: list[int]  # [B + 1]
+    seq_lens: list[int]  # [B] tokens attended to, the new ones included
+    block_tables: list[list[int]]  # [B] the blocks holding each context, in order
+    slot_mapping: list[int]  # [T] block * block_size + offset of each new token's K/V
+    block_size: int
+
+
+def select_backend(name: str, device: torch.device):
+    """The backend for `name` on `device`; 'auto' is the CPU kernel on a CPU when it builds, else the reference."""
+    from fastswitch.model.attention import cpu, torch_ref
+
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs on the CPU, not on {device.type}")
+    if name == "torch" or device.type != "cpu":
+        return torch_ref.TorchAttention(device)
+    if cpu.load_kernel():
+        return cpu.CpuAttention()
+    if name == "cpu":
+        raise RuntimeError("attention backend 'cpu': the kernel could not be built here (see the log)")
+    return torch_ref.TorchAttention(device)
