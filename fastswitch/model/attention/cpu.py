@@ -21,7 +21,7 @@ from fastswitch.model.attention import StepBatch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]  # OpenMP: at::parallel_for is inline
 
 
 def cpu_flags() -> str:
@@ -41,7 +41,7 @@ def load_kernel() -> bool:
     started = time.perf_counter()
     try:
         cpp_extension.load(f"fastswitch_attention_{tag}", [str(SOURCE)], extra_cflags=CFLAGS,
-                           is_python_module=False)
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the reference still works
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("CPU attention kernel unavailable (%s); using the torch reference", reason)

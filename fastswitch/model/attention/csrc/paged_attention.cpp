@@ -35,16 +35,29 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int MAX_TILE_QUERIES = 64;   // query vectors (rows x heads of a group) sharing one K/V read
 constexpr int MIN_SPLIT_TOKENS = 256;  // a context split shorter than this costs more to merge than it saves
 constexpr int WIDE_QUERIES = 8;        // from this many query vectors, scores come from a transposed K block
+constexpr int PREFETCH_BLOCKS = 2;     // how far ahead in the block table the rows are asked for
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float x) { return vf{} + x; }
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// Sum of the lanes, halving the vector each step.
 inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+  const v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#elif defined(__AVX2__)
+  v4 x = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  v4 x = v;
+#endif
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2);
+  return x[0];
 }
 
 // exp(x) for x <= 0 (Cephes' polynomial, about 2 ulp); -inf gives exactly 0.
@@ -64,6 +77,15 @@ inline vf vexp(vf x) {
   vf scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return dead ? vf{} : p * scale;
+}
+
+// GCC drops a loop of __builtin_prefetch as free of side effects; an asm statement it must keep.
+inline void prefetch(const char* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p);
+#endif
 }
 
 inline float exp_scalar(float x) { return x == NEG_INF ? 0.f : std::exp(x); }
@@ -130,6 +152,13 @@ struct PagedAttention {
     return M;
   }
 
+  // The next block is elsewhere in the pool: ask for its rows now, so they arrive while this one is computed.
+  void prefetch_block(const T* base, int n) const {
+    for (int j = 0; j < n; ++j)
+      for (int byte = 0; byte < D * int(sizeof(T)); byte += 64)
+        prefetch(reinterpret_cast<const char*>(base + j * c_tok) + byte);
+  }
+
   void load_block(const T* base, int n, float* dst) const {
     for (int j = 0; j < n; ++j) {
       to_float(dst + j * DP, base + j * c_tok, D);
@@ -151,16 +180,35 @@ struct PagedAttention {
     }
   }
 
-  // scores[m][:] = sum_d q_m[d] * kt[d][:]: vectors along the keys, for many query vectors (prefill).
+  // scores[m][:] = sum_d q_m[d] * kt[d][:]: vectors along the keys, four query vectors per K load (prefill).
   void scores_by_transpose(Scratch& s, int M) const {
     for (int j = 0; j < BSP; ++j)
       for (int d = 0; d < DP; ++d) s.kt[d * BSP + j] = s.kbuf[j * DP + d];
-    for (int m = 0; m < M; ++m) {
-      const float* qm = &s.q[m * DP];
-      for (int c = 0; c < BSP; c += W) {
-        vf sum{};
-        for (int d = 0; d < DP; ++d) sum += qm[d] * load(&s.kt[d * BSP + c]);
-        store(&s.scores[m * BSP + c], sum);
+    for (int c = 0; c < BSP; c += W) {
+      int m = 0;
+      for (; m + 4 <= M; m += 4) {
+        const float *q0 = &s.q[m * DP], *q1 = q0 + DP, *q2 = q1 + DP, *q3 = q2 + DP;
+        vf s0{}, s1{}, s2{}, s3{};
+        for (int d = 0; d < DP; ++d) {
+          const vf k = load(&s.kt[d * BSP + c]);
+          s0 += q0[d] * k;
+          s1 += q1[d] * k;
+          s2 += q2[d] * k;
+          s3 += q3[d] * k;
+        }
+        store(&s.scores[m * BSP + c], s0);
+        store(&s.scores[(m + 1) * BSP + c], s1);
+        store(&s.scores[(m + 2) * BSP + c], s2);
+        store(&s.scores[(m + 3) * BSP + c], s3);
+      }
+      for (; m < M; ++m) {
+        const float* qm = &s.q[m * DP];
+        vf s0{}, s1{};
+        for (int d = 0; d < DP; d += 2) {
+          s0 += qm[d] * load(&s.kt[d * BSP + c]);
+          s1 += qm[d + 1] * load(&s.kt[(d + 1) * BSP + c]);
+        }
+        store(&s.scores[m * BSP + c], s0 + s1);
       }
     }
   }
@@ -184,10 +232,16 @@ struct PagedAttention {
       s.row_sum[m] = s.row_sum[m] * correction + hsum(sum);
       s.row_max[m] = new_max;
       float* acc = &s.acc[m * DP];
-      for (int c = 0; c < DP; c += W) {
-        vf a = load(acc + c) * correction;
-        for (int j = 0; j < valid; ++j) a += sc[j] * load(&s.vbuf[j * DP + c]);
-        store(acc + c, a);
+      for (int c = 0; c < DP; c += W) {  // four chains, so the FMAs' latency overlaps (zero rows past `valid`)
+        const float* vc = &s.vbuf[c];
+        vf a0 = load(acc + c) * correction, a1{}, a2{}, a3{};
+        for (int j = 0; j < valid; j += 4) {
+          a0 += sc[j] * load(vc + j * DP);
+          a1 += sc[j + 1] * load(vc + (j + 1) * DP);
+          a2 += sc[j + 2] * load(vc + (j + 2) * DP);
+          a3 += sc[j + 3] * load(vc + (j + 3) * DP);
+        }
+        store(acc + c, (a0 + a1) + (a2 + a3));
       }
     }
   }
@@ -196,9 +250,17 @@ struct PagedAttention {
     const int M = load_queries(it, s);
     const int32_t* blocks = table + it.seq * table_stride;
     const int64_t head_offset = int64_t(it.head) * c_head;
+    auto prefetch_ahead = [&](int start) {
+      if (start >= it.key_end) return;
+      const int64_t at = blocks[start / bs] * c_block + head_offset;
+      prefetch_block(k_cache + at, std::min(bs, it.key_end - start));
+      prefetch_block(v_cache + at, std::min(bs, it.key_end - start));
+    };
+    for (int ahead = 0; ahead < PREFETCH_BLOCKS; ++ahead) prefetch_ahead(it.key_begin + ahead * bs);
     for (int start = it.key_begin; start < it.key_end; start += bs) {
       const int n = std::min(bs, it.key_end - start);
       const int64_t block = blocks[start / bs];
+      prefetch_ahead(start + PREFETCH_BLOCKS * bs);
       load_block(k_cache + block * c_block + head_offset, n, s.kbuf.data());
       load_block(v_cache + block * c_block + head_offset, n, s.vbuf.data());
       if (M >= WIDE_QUERIES) scores_by_transpose(s, M);
