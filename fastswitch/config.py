@@ -18,7 +18,8 @@ def _opt(default, help: str, **extra):
 class EngineConfig:
     model: str | None = _opt(None, "Hugging Face model folder (config.json, *.safetensors, tokenizer.json); "
                                    "default: the built-in tiny demo model")
-    dtype: str = _opt("bfloat16", "weights and KV cache dtype; 'auto' takes the model's own",
+    dtype: str = _opt("auto", "weights and KV cache dtype; 'auto': the model's own, except half precision on a CPU "
+                              "that does not compute it natively (then float32; the log says which and why)",
                       choices=["auto", *DTYPES])
     device: str = _opt("auto", "'cuda', 'cpu', or 'auto' (cuda when available)")
     block_size: int = _opt(16, "tokens per KV block")
@@ -94,8 +95,6 @@ class EngineConfig:
                 raise ValueError(f"invalid vtc_user_weights entry {item!r}: a weight must be > 0")
         return weights
 
-    def torch_dtype(self, model_dtype: str) -> torch.dtype:
-        return DTYPES[model_dtype if self.dtype == "auto" else self.dtype]
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

@@ -129,3 +129,16 @@ def test_backend_choice():
     assert select_backend("auto", torch.device("cpu")).name == "cpu"
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_backend("flash", torch.device("cpu"))
+
+
+def test_dtype_auto_follows_what_the_cpu_computes_natively(monkeypatch):
+    from fastswitch.model import cpu_features
+
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: "sse2 avx2 fma f16c")
+    assert cpu_features.cpu_dtype(torch.bfloat16) == torch.float32
+    assert cpu_features.cpu_dtype(torch.float16) == torch.float32
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: "avx2 avx512f avx512_bf16")
+    assert cpu_features.cpu_dtype(torch.bfloat16) == torch.bfloat16
+    assert cpu_features.cpu_dtype(torch.float16) == torch.float32
+    assert cpu_features.cpu_dtype(torch.float32) == torch.float32

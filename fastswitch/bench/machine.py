@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from fastswitch.model.attention.cpu import cpu_flags
+from fastswitch.model.cpu_features import cpu_flags
 
 VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512_fp16",
                 "amx_tile", "amx_bf16", "amx_int8")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastswitch.config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_FRACTION, EngineConfig
+from fastswitch.config import CPU_KV_CACHE_BYTES, DTYPES, GPU_KV_CACHE_FRACTION, EngineConfig
 from fastswitch.engine.request import Request, RequestOutput, Status
 from fastswitch.engine.policies import make_policy
 from fastswitch.engine.scheduler import Scheduler
@@ -22,6 +22,7 @@ from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import SwapManager
 from fastswitch.model.config import ModelConfig
+from fastswitch.model.cpu_features import cpu_dtype
 from fastswitch.model.demo import default_model_path
 from fastswitch.model.runner import ModelRunner
 from fastswitch.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -39,8 +40,8 @@ class Engine:
         self.model_config = ModelConfig.from_folder(path)
         self.tokenizer = Tokenizer(path)
         self.max_model_len = _max_model_len(config, self.model_config)
-        self.dtype = config.torch_dtype(self.model_config.torch_dtype)
         device = torch.device(config.device)
+        self.dtype = _dtype(config.dtype, self.model_config.torch_dtype, device)
         self.runner = ModelRunner(self.model_config, self.dtype, device, self.max_model_len, config.block_size,
                                   config.seed, config.attention_backend)
         num_blocks = config.num_kv_blocks or _blocks_for_budget(config, self.model_config, self.dtype, device)
@@ -237,6 +238,12 @@ def _max_model_len(config: EngineConfig, model: ModelConfig) -> int:
     if config.max_model_len is not None and config.max_model_len > limit:
         raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's limit of {limit}")
     return config.max_model_len or limit
+
+
+def _dtype(requested: str, model_dtype: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    return cpu_dtype(DTYPES[model_dtype]) if device.type == "cpu" else DTYPES[model_dtype]
 
 
 def _blocks_for_budget(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:

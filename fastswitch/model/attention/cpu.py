@@ -7,8 +7,8 @@ flags, so a cache built elsewhere is never loaded. Without a working compiler it
 """
 
 import hashlib
-import logging
 import platform
+import logging
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -18,18 +18,11 @@ import numpy as np
 import torch
 
 from fastswitch.model.attention import StepBatch
+from fastswitch.model.cpu_features import cpu_flags
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]  # OpenMP: at::parallel_for is inline
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
 
 
 @cache
@@ -37,7 +30,7 @@ def load_kernel() -> bool:
     """Builds (first use on this CPU only) and loads the kernel; False, with one log line, if it cannot."""
     from torch.utils import cpp_extension
 
-    tag = hashlib.sha1(f"{cpu_flags()} {torch.__version__}".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{cpu_flags() or platform.processor()} {torch.__version__}".encode()).hexdigest()[:10]
     started = time.perf_counter()
     try:
         cpp_extension.load(f"fastswitch_attention_{tag}", [str(SOURCE)], extra_cflags=CFLAGS,

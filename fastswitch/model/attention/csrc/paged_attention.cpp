@@ -35,7 +35,7 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int MAX_TILE_QUERIES = 64;   // query vectors (rows x heads of a group) sharing one K/V read
 constexpr int MIN_SPLIT_TOKENS = 256;  // a context split shorter than this costs more to merge than it saves
 constexpr int WIDE_QUERIES = 8;        // from this many query vectors, scores come from a transposed K block
-constexpr int PREFETCH_BLOCKS = 2;     // how far ahead in the block table the rows are asked for
+constexpr int PREFETCH_BLOCKS = 8;     // how far ahead in the block table the rows are asked for
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -108,7 +108,8 @@ inline void from_float(T* dst, const float* src, int n) {
 }
 
 struct Item {
-  int seq, head, row0, rows;  // rows [row0, row0 + rows) of the sequence's query chunk, one KV head
+  int seq, head, heads;       // KV heads [head, head + heads): a block's rows for all of them are adjacent
+  int row0, rows;             // rows [row0, row0 + rows) of the sequence's query chunk
   int key_begin, key_end;     // context tokens this item attends (key_begin is block-aligned)
   int part;                   // -1: writes the output; else its slot among the partial results
   int64_t cost;
@@ -134,12 +135,18 @@ struct PagedAttention {
 
   int query_len(int seq) const { return qsl[seq + 1] - qsl[seq]; }
 
-  // Loads the item's queries (pre-scaled) and their positions; query vector m = row * group + g.
+  // Query vector m of an item: KV head by KV head, then row by row, then the heads of the GQA group.
+  std::pair<int, int> row_and_head(const Item& it, int m) const {
+    const int per_kv_head = it.rows * group;
+    return {it.row0 + m % per_kv_head / group, (it.head + m / per_kv_head) * group + m % group};
+  }
+
+  // Loads the item's queries (pre-scaled) and their positions.
   int load_queries(const Item& it, Scratch& s) const {
     const int first_pos = lens[it.seq] - query_len(it.seq);
-    const int M = it.rows * group;
+    const int M = it.heads * it.rows * group;
     for (int m = 0; m < M; ++m) {
-      const int row = it.row0 + m / group, head = it.head * group + m % group;
+      const auto [row, head] = row_and_head(it, m);
       float* dst = &s.q[m * DP];
       to_float(dst, q + (qsl[it.seq] + row) * q_tok + head * q_head, D);
       std::fill(dst + D, dst + DP, 0.f);
@@ -153,9 +160,10 @@ struct PagedAttention {
   }
 
   // The next block is elsewhere in the pool: ask for its rows now, so they arrive while this one is computed.
-  void prefetch_block(const T* base, int n) const {
+  void prefetch_block(const T* base, int n, int heads) const {
+    const int bytes = int(((heads - 1) * c_head + D) * sizeof(T));
     for (int j = 0; j < n; ++j)
-      for (int byte = 0; byte < D * int(sizeof(T)); byte += 64)
+      for (int byte = 0; byte < bytes; byte += 64)
         prefetch(reinterpret_cast<const char*>(base + j * c_tok) + byte);
   }
 
@@ -168,10 +176,10 @@ struct PagedAttention {
   }
 
   // scores[m][j] = q_m . k_j: one dot product per pair, for few query vectors (decode).
-  void scores_by_dot(Scratch& s, int M, int n) const {
+  void scores_by_dot(Scratch& s, int m0, int M, int n) const {
     for (int j = 0; j < n; ++j) {
       const float* kj = &s.kbuf[j * DP];
-      for (int m = 0; m < M; ++m) {
+      for (int m = m0; m < m0 + M; ++m) {
         const float* qm = &s.q[m * DP];
         vf sum{};
         for (int c = 0; c < DP; c += W) sum += load(qm + c) * load(kj + c);
@@ -181,12 +189,12 @@ struct PagedAttention {
   }
 
   // scores[m][:] = sum_d q_m[d] * kt[d][:]: vectors along the keys, four query vectors per K load (prefill).
-  void scores_by_transpose(Scratch& s, int M) const {
+  void scores_by_transpose(Scratch& s, int m0, int M) const {
     for (int j = 0; j < BSP; ++j)
       for (int d = 0; d < DP; ++d) s.kt[d * BSP + j] = s.kbuf[j * DP + d];
     for (int c = 0; c < BSP; c += W) {
-      int m = 0;
-      for (; m + 4 <= M; m += 4) {
+      int m = m0;
+      for (; m + 4 <= m0 + M; m += 4) {
         const float *q0 = &s.q[m * DP], *q1 = q0 + DP, *q2 = q1 + DP, *q3 = q2 + DP;
         vf s0{}, s1{}, s2{}, s3{};
         for (int d = 0; d < DP; ++d) {
@@ -201,7 +209,7 @@ struct PagedAttention {
         store(&s.scores[(m + 2) * BSP + c], s2);
         store(&s.scores[(m + 3) * BSP + c], s3);
       }
-      for (; m < M; ++m) {
+      for (; m < m0 + M; ++m) {
         const float* qm = &s.q[m * DP];
         vf s0{}, s1{};
         for (int d = 0; d < DP; d += 2) {
@@ -214,8 +222,8 @@ struct PagedAttention {
   }
 
   // Online softmax over one block's scores, then acc = acc * correction + p . V.
-  void accumulate(Scratch& s, int M, int block_start, int n) const {
-    for (int m = 0; m < M; ++m) {
+  void accumulate(Scratch& s, int m0, int M, int block_start, int n) const {
+    for (int m = m0; m < m0 + M; ++m) {
       const int valid = std::min(n, s.pos[m] - block_start + 1);
       if (valid <= 0) continue;
       float* sc = &s.scores[m * BSP];
@@ -247,25 +255,28 @@ struct PagedAttention {
   }
 
   void run(const Item& it, Scratch& s, float* partials) const {
-    const int M = load_queries(it, s);
+    const int M = load_queries(it, s), per_kv_head = it.rows * group;
     const int32_t* blocks = table + it.seq * table_stride;
     const int64_t head_offset = int64_t(it.head) * c_head;
     auto prefetch_ahead = [&](int start) {
       if (start >= it.key_end) return;
       const int64_t at = blocks[start / bs] * c_block + head_offset;
-      prefetch_block(k_cache + at, std::min(bs, it.key_end - start));
-      prefetch_block(v_cache + at, std::min(bs, it.key_end - start));
+      prefetch_block(k_cache + at, std::min(bs, it.key_end - start), it.heads);
+      prefetch_block(v_cache + at, std::min(bs, it.key_end - start), it.heads);
     };
     for (int ahead = 0; ahead < PREFETCH_BLOCKS; ++ahead) prefetch_ahead(it.key_begin + ahead * bs);
     for (int start = it.key_begin; start < it.key_end; start += bs) {
       const int n = std::min(bs, it.key_end - start);
       const int64_t block = blocks[start / bs];
       prefetch_ahead(start + PREFETCH_BLOCKS * bs);
-      load_block(k_cache + block * c_block + head_offset, n, s.kbuf.data());
-      load_block(v_cache + block * c_block + head_offset, n, s.vbuf.data());
-      if (M >= WIDE_QUERIES) scores_by_transpose(s, M);
-      else scores_by_dot(s, M, n);
-      accumulate(s, M, start, n);
+      for (int h = 0; h < it.heads; ++h) {
+        const int64_t at = block * c_block + head_offset + h * c_head;
+        load_block(k_cache + at, n, s.kbuf.data());
+        load_block(v_cache + at, n, s.vbuf.data());
+        if (per_kv_head >= WIDE_QUERIES) scores_by_transpose(s, h * per_kv_head, per_kv_head);
+        else scores_by_dot(s, h * per_kv_head, per_kv_head, n);
+        accumulate(s, h * per_kv_head, per_kv_head, start, n);
+      }
     }
     if (it.part < 0) {
       for (int m = 0; m < M; ++m) write_row(it, m, &s.acc[m * DP], 1.f / s.row_sum[m]);
@@ -281,7 +292,7 @@ struct PagedAttention {
   }
 
   void write_row(const Item& it, int m, const float* acc, float inv_sum) const {
-    const int row = it.row0 + m / group, head = it.head * group + m % group;
+    const auto [row, head] = row_and_head(it, m);
     float tmp[1024];
     for (int d = 0; d < D; ++d) tmp[d] = acc[d] * inv_sum;
     from_float(out + (qsl[it.seq] + row) * o_tok + head * o_head, tmp, D);
@@ -289,7 +300,7 @@ struct PagedAttention {
 
   // Combines the partial softmaxes of an item's `parts` consecutive context splits.
   void merge(const Item& it, int parts, const float* partials, std::vector<float>& acc) const {
-    const int M = it.rows * group;
+    const int M = it.heads * it.rows * group;
     const int64_t part_size = int64_t(MAX_TILE_QUERIES) * (DP + 2);
     const float* first = partials + int64_t(it.part) * part_size;
     for (int m = 0; m < M; ++m) {
@@ -307,7 +318,7 @@ struct PagedAttention {
   }
 };
 
-// (sequence, KV head, query tile) items; contexts split along blocks when items are too few for the threads.
+// (sequence, KV heads, query tile) items; contexts split along blocks when items are too few for the threads.
 std::vector<Item> plan(const int32_t* qsl, const int32_t* lens, int batch, int kv_heads, int group, int bs,
                        int threads, std::vector<std::pair<Item, int>>& merges) {
   const int tile_rows = std::max(1, MAX_TILE_QUERIES / group);
@@ -316,8 +327,11 @@ std::vector<Item> plan(const int32_t* qsl, const int32_t* lens, int batch, int k
     const int q_len = qsl[b + 1] - qsl[b], first_pos = lens[b] - q_len;
     for (int row0 = 0; row0 < q_len; row0 += tile_rows) {
       const int rows = std::min(tile_rows, q_len - row0), key_end = first_pos + row0 + rows;
-      for (int h = 0; h < kv_heads; ++h)
-        base.push_back({b, h, row0, rows, 0, key_end, -1, int64_t(rows) * key_end});
+      const int heads = std::max(1, std::min(kv_heads, MAX_TILE_QUERIES / (rows * group)));
+      for (int h = 0; h < kv_heads; h += heads) {
+        const int n = std::min(heads, kv_heads - h);
+        base.push_back({b, h, n, row0, rows, 0, key_end, -1, int64_t(n) * rows * key_end});
+      }
     }
   }
   const int want = 4 * threads;
@@ -340,7 +354,7 @@ std::vector<Item> plan(const int32_t* qsl, const int32_t* lens, int batch, int k
       piece.key_begin = first * bs;
       piece.key_end = std::min(it.key_end, (first + per) * bs);
       piece.part = next_part++;
-      piece.cost = int64_t(piece.rows) * (piece.key_end - piece.key_begin);
+      piece.cost = int64_t(piece.heads) * piece.rows * (piece.key_end - piece.key_begin);
       items.push_back(piece);
     }
     merges.emplace_back(whole, parts);
