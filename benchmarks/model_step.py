@@ -21,8 +21,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import read_bandwidth  # noqa: E402
 from offline_throughput import model_path  # noqa: E402

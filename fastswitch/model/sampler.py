@@ -69,18 +69,31 @@ class Sampler:
         return logits
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tensor:
-        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
-        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else logits.shape[-1] for r in rows],
-                             device=logits.device).unsqueeze(1)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device).unsqueeze(1)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device).unsqueeze(1)
+        device, vocab = logits.device, logits.shape[-1]
+        temperature = torch.tensor([r.params.temperature for r in rows], device=device).unsqueeze(1)
+        if all(r.params.top_k <= 0 and r.params.top_p == 1 and r.params.min_p == 0 for r in rows):
+            return self._pick((logits / temperature).softmax(dim=-1), rows)  # nothing to cut: no sort
+        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device).unsqueeze(1)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=device).unsqueeze(1)
+        min_p = torch.tensor([r.params.min_p for r in rows], device=device).unsqueeze(1)
         sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+        rank = torch.arange(vocab, device=device).unsqueeze(0)
         drop = (rank >= top_k) | (probs.cumsum(dim=-1) - probs > top_p) | (probs < min_p * probs[:, :1])
-        probs = probs.masked_fill(drop, 0.0)
-        picks = [torch.multinomial(probs[i], 1, generator=self._generator(r)) for i, r in enumerate(rows)]
-        return order.gather(1, torch.stack(picks)).squeeze(1)
+        return order.gather(1, self._pick(probs.masked_fill(drop, 0.0), rows).unsqueeze(1)).squeeze(1)
+
+    def _pick(self, probs: torch.Tensor, rows: list[SampleInput]) -> torch.Tensor:
+        """One draw per row: the rows without a seed in one call on the shared generator, seeded rows each on
+        its own, so a seeded request's tokens do not depend on its batch."""
+        picks = torch.empty(len(rows), dtype=torch.long, device=probs.device)
+        shared = [i for i, r in enumerate(rows) if r.params.seed is None]
+        if shared:
+            index = torch.tensor(shared, device=probs.device)
+            picks[index] = torch.multinomial(probs[index], 1, generator=self.shared).squeeze(1)
+        for i, r in enumerate(rows):
+            if r.params.seed is not None:
+                picks[i] = torch.multinomial(probs[i], 1, generator=self._generator(r))[0]
+        return picks
 
     def _generator(self, row: SampleInput) -> torch.Generator:
         if row.params.seed is None:

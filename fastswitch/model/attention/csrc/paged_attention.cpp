@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -42,22 +43,42 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float x) { return vf{} + x; }
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Sum of the lanes, halving the vector each step.
-inline float hsum(vf v) {
+// Reduction of the lanes (sum or max), halving the vector each step.
+template <typename Op>
+inline float reduce(vf v, Op op) {
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
 #if defined(__AVX512F__)
-  const v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  const v8 h = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  v4 x = op(__builtin_shufflevector(h, h, 0, 1, 2, 3), __builtin_shufflevector(h, h, 4, 5, 6, 7));
 #elif defined(__AVX2__)
-  v4 x = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  v4 x = op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
 #else
   v4 x = v;
 #endif
-  x += __builtin_shufflevector(x, x, 2, 3, 0, 1);
-  x += __builtin_shufflevector(x, x, 1, 0, 3, 2);
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1));
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2));
   return x[0];
+}
+inline float hsum(vf v) { return reduce(v, [](auto a, auto b) { return a + b; }); }
+inline float hmax(vf v) { return reduce(v, [](auto a, auto b) { return a > b ? a : b; }); }
+
+// W dot products' partial vectors to one vector of their sums, in order: each step folds two vectors of n
+// keys (segments of L lanes) into one of 2n keys (segments of L / 2), adding each segment's two halves.
+constexpr int fold_lane(int L, int t, bool high) {
+  const int half = W / 2, seg = L / 2, u = t % half;
+  return (t >= half ? W : 0) + u / seg * L + u % seg + (high ? seg : 0);
+}
+template <int L, size_t... t>
+inline vf fold(vf a, vf b, std::index_sequence<t...>) {
+  return __builtin_shufflevector(a, b, fold_lane(L, t, false)...) + __builtin_shufflevector(a, b, fold_lane(L, t, true)...);
+}
+template <int L = W>
+inline vf sums_of(vf* p) {  // overwrites p
+  for (int i = 0; i < L / 2; ++i) p[i] = fold<L>(p[2 * i], p[2 * i + 1], std::make_index_sequence<W>{});
+  if constexpr (L > 2) return sums_of<L / 2>(p);
+  else return p[0];
 }
 
 // exp(x) for x <= 0 (Cephes' polynomial, about 2 ulp); -inf gives exactly 0.
@@ -175,15 +196,19 @@ struct PagedAttention {
     std::fill(dst + n * DP, dst + BSP * DP, 0.f);
   }
 
-  // scores[m][j] = q_m . k_j: one dot product per pair, for few query vectors (decode).
-  void scores_by_dot(Scratch& s, int m0, int M, int n) const {
-    for (int j = 0; j < n; ++j) {
-      const float* kj = &s.kbuf[j * DP];
-      for (int m = m0; m < m0 + M; ++m) {
-        const float* qm = &s.q[m * DP];
-        vf sum{};
-        for (int c = 0; c < DP; c += W) sum += load(qm + c) * load(kj + c);
-        s.scores[m * BSP + j] = hsum(sum);
+  // scores[m][j] = q_m . k_j: a dot product per pair, W keys' partial vectors folded together (decode).
+  void scores_by_dot(Scratch& s, int m0, int M) const {
+    vf partial[W];
+    for (int m = m0; m < m0 + M; ++m) {
+      const float* qm = &s.q[m * DP];
+      for (int j0 = 0; j0 < BSP; j0 += W) {
+        for (int j = 0; j < W; ++j) {
+          const float* kj = &s.kbuf[(j0 + j) * DP];
+          vf sum{};
+          for (int c = 0; c < DP; c += W) sum += load(qm + c) * load(kj + c);
+          partial[j] = sum;
+        }
+        store(&s.scores[m * BSP + j0], sums_of(partial));
       }
     }
   }
@@ -228,8 +253,9 @@ struct PagedAttention {
       if (valid <= 0) continue;
       float* sc = &s.scores[m * BSP];
       std::fill(sc + valid, sc + BSP, NEG_INF);
-      const float block_max = *std::max_element(sc, sc + valid);
-      const float new_max = std::max(s.row_max[m], block_max);
+      vf top = load(sc);
+      for (int c = W; c < BSP; c += W) top = top > load(sc + c) ? top : load(sc + c);
+      const float new_max = std::max(s.row_max[m], hmax(top));
       const float correction = exp_scalar(s.row_max[m] - new_max);
       vf sum{};
       for (int c = 0; c < BSP; c += W) {
@@ -239,19 +265,35 @@ struct PagedAttention {
       }
       s.row_sum[m] = s.row_sum[m] * correction + hsum(sum);
       s.row_max[m] = new_max;
-      float* acc = &s.acc[m * DP];
-      for (int c = 0; c < DP; c += W) {  // four chains, so the FMAs' latency overlaps (zero rows past `valid`)
-        const float* vc = &s.vbuf[c];
-        vf a0 = load(acc + c) * correction, a1{}, a2{}, a3{};
-        for (int j = 0; j < valid; j += 4) {
-          a0 += sc[j] * load(vc + j * DP);
-          a1 += sc[j + 1] * load(vc + (j + 1) * DP);
-          a2 += sc[j + 2] * load(vc + (j + 2) * DP);
-          a3 += sc[j + 3] * load(vc + (j + 3) * DP);
-        }
-        store(acc + c, (a0 + a1) + (a2 + a3));
-      }
+      add_values(&s.acc[m * DP], correction, sc, s.vbuf.data(), valid);
     }
+  }
+
+  // acc = acc * correction + sum_j p[j] * V[j], with acc in registers when the row is at most 8 vectors.
+  void add_values(float* acc, float correction, const float* p, const float* v, int n) const {
+    switch (DP / W) {
+      case 1: return add_values_fixed<1>(acc, correction, p, v, n);
+      case 2: return add_values_fixed<2>(acc, correction, p, v, n);
+      case 3: return add_values_fixed<3>(acc, correction, p, v, n);
+      case 4: return add_values_fixed<4>(acc, correction, p, v, n);
+      case 5: return add_values_fixed<5>(acc, correction, p, v, n);
+      case 6: return add_values_fixed<6>(acc, correction, p, v, n);
+      case 8: return add_values_fixed<8>(acc, correction, p, v, n);
+    }
+    for (int c = 0; c < DP; c += W) {
+      vf a = load(acc + c) * correction;
+      for (int j = 0; j < n; ++j) a += p[j] * load(v + j * DP + c);
+      store(acc + c, a);
+    }
+  }
+
+  template <int C>
+  void add_values_fixed(float* acc, float correction, const float* p, const float* v, int n) const {
+    vf a[C];
+    for (int c = 0; c < C; ++c) a[c] = load(acc + c * W) * correction;
+    for (int j = 0; j < n; ++j)
+      for (int c = 0; c < C; ++c) a[c] += p[j] * load(v + j * DP + c * W);
+    for (int c = 0; c < C; ++c) store(acc + c * W, a[c]);
   }
 
   void run(const Item& it, Scratch& s, float* partials) const {
@@ -274,7 +316,7 @@ struct PagedAttention {
         load_block(k_cache + at, n, s.kbuf.data());
         load_block(v_cache + at, n, s.vbuf.data());
         if (per_kv_head >= WIDE_QUERIES) scores_by_transpose(s, h * per_kv_head, per_kv_head);
-        else scores_by_dot(s, h * per_kv_head, per_kv_head, n);
+        else scores_by_dot(s, h * per_kv_head, per_kv_head);
         accumulate(s, h * per_kv_head, per_kv_head, start, n);
       }
     }
