@@ -2,8 +2,9 @@
 //
 // One op per layer: write the batch's new K/V at their slots, then attend every sequence's queries
 // (one for a decode, many for a prefill chunk, causal inside the chunk) to its whole context, with an
-// online softmax in fp32 whatever the storage dtype. Work items are (sequence, KV head, query tile,
-// context split): the query heads of a GQA group share each K/V block read. Items run heaviest first
+// online softmax in fp32 whatever the storage dtype. Work items are (sequence, KV heads, query tile,
+// context split): the query heads of a GQA group, and for a decode every KV head of the sequence,
+// share each block read (a block's rows for all heads are adjacent). Items run heaviest first
 // on torch's threads; a long context is split when there are too few items to keep every thread
 // busy, and the splits' partial softmaxes are merged. The vector width is the machine's: the module
 // is compiled on first use with -march=native, so AVX-512 or AVX2 code is what this CPU runs.
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -100,12 +102,13 @@ inline vf vexp(vf x) {
   return dead ? vf{} : p * scale;
 }
 
-// GCC drops a loop of __builtin_prefetch as free of side effects; an asm statement it must keep.
+// Into L2: blocks ahead are many, L1's miss buffers few. GCC drops a loop of __builtin_prefetch as free
+// of side effects; an asm statement it must keep.
 inline void prefetch(const char* p) {
 #if defined(__x86_64__)
-  asm volatile("prefetcht0 %0" : : "m"(*p));
+  asm volatile("prefetcht1 %0" : : "m"(*p));
 #else
-  __builtin_prefetch(p);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 
@@ -196,16 +199,36 @@ struct PagedAttention {
     std::fill(dst + n * DP, dst + BSP * DP, 0.f);
   }
 
-  // scores[m][j] = q_m . k_j: a dot product per pair, W keys' partial vectors folded together (decode).
+  // Calls f(std::integral_constant<int, DP / W>) for the row widths kept in registers, else f(<0>): loops
+  // over a compile-time number of vectors let the compiler keep a row in registers.
+  template <typename F>
+  void with_row_vectors(F f) const {
+    switch (DP / W) {
+      case 1: return f(std::integral_constant<int, 1>{});
+      case 2: return f(std::integral_constant<int, 2>{});
+      case 3: return f(std::integral_constant<int, 3>{});
+      case 4: return f(std::integral_constant<int, 4>{});
+      case 5: return f(std::integral_constant<int, 5>{});
+      case 6: return f(std::integral_constant<int, 6>{});
+      case 8: return f(std::integral_constant<int, 8>{});
+      default: return f(std::integral_constant<int, 0>{});
+    }
+  }
+
+  // scores[m][j] = q_m . k_j: q_m in registers, W keys' partial vectors folded together (decode).
+  template <int C>
   void scores_by_dot(Scratch& s, int m0, int M) const {
-    vf partial[W];
+    const int chunks = C ? C : DP / W;
+    vf partial[W], q[C ? C : 1];
     for (int m = m0; m < m0 + M; ++m) {
       const float* qm = &s.q[m * DP];
+      if constexpr (C > 0)
+        for (int c = 0; c < C; ++c) q[c] = load(qm + c * W);
       for (int j0 = 0; j0 < BSP; j0 += W) {
         for (int j = 0; j < W; ++j) {
           const float* kj = &s.kbuf[(j0 + j) * DP];
           vf sum{};
-          for (int c = 0; c < DP; c += W) sum += load(qm + c) * load(kj + c);
+          for (int c = 0; c < chunks; ++c) sum += (C > 0 ? q[c] : load(qm + c * W)) * load(kj + c * W);
           partial[j] = sum;
         }
         store(&s.scores[m * BSP + j0], sums_of(partial));
@@ -265,35 +288,26 @@ struct PagedAttention {
       }
       s.row_sum[m] = s.row_sum[m] * correction + hsum(sum);
       s.row_max[m] = new_max;
-      add_values(&s.acc[m * DP], correction, sc, s.vbuf.data(), valid);
+      with_row_vectors([&](auto C) { this->template add_values<decltype(C)::value>(&s.acc[m * DP], correction, sc, s.vbuf.data(), valid); });
     }
   }
 
-  // acc = acc * correction + sum_j p[j] * V[j], with acc in registers when the row is at most 8 vectors.
-  void add_values(float* acc, float correction, const float* p, const float* v, int n) const {
-    switch (DP / W) {
-      case 1: return add_values_fixed<1>(acc, correction, p, v, n);
-      case 2: return add_values_fixed<2>(acc, correction, p, v, n);
-      case 3: return add_values_fixed<3>(acc, correction, p, v, n);
-      case 4: return add_values_fixed<4>(acc, correction, p, v, n);
-      case 5: return add_values_fixed<5>(acc, correction, p, v, n);
-      case 6: return add_values_fixed<6>(acc, correction, p, v, n);
-      case 8: return add_values_fixed<8>(acc, correction, p, v, n);
-    }
-    for (int c = 0; c < DP; c += W) {
-      vf a = load(acc + c) * correction;
-      for (int j = 0; j < n; ++j) a += p[j] * load(v + j * DP + c);
-      store(acc + c, a);
-    }
-  }
-
+  // acc = acc * correction + sum_j p[j] * V[j], acc in registers across the rows j.
   template <int C>
-  void add_values_fixed(float* acc, float correction, const float* p, const float* v, int n) const {
-    vf a[C];
-    for (int c = 0; c < C; ++c) a[c] = load(acc + c * W) * correction;
-    for (int j = 0; j < n; ++j)
-      for (int c = 0; c < C; ++c) a[c] += p[j] * load(v + j * DP + c * W);
-    for (int c = 0; c < C; ++c) store(acc + c * W, a[c]);
+  void add_values(float* acc, float correction, const float* p, const float* v, int n) const {
+    if constexpr (C == 0) {
+      for (int c = 0; c < DP; c += W) {
+        vf a = load(acc + c) * correction;
+        for (int j = 0; j < n; ++j) a += p[j] * load(v + j * DP + c);
+        store(acc + c, a);
+      }
+    } else {
+      vf a[C];
+      for (int c = 0; c < C; ++c) a[c] = load(acc + c * W) * correction;
+      for (int j = 0; j < n; ++j)
+        for (int c = 0; c < C; ++c) a[c] += p[j] * load(v + j * DP + c * W);
+      for (int c = 0; c < C; ++c) store(acc + c * W, a[c]);
+    }
   }
 
   void run(const Item& it, Scratch& s, float* partials) const {
@@ -316,7 +330,7 @@ struct PagedAttention {
         load_block(k_cache + at, n, s.kbuf.data());
         load_block(v_cache + at, n, s.vbuf.data());
         if (per_kv_head >= WIDE_QUERIES) scores_by_transpose(s, h * per_kv_head, per_kv_head);
-        else scores_by_dot(s, h * per_kv_head, per_kv_head);
+        else with_row_vectors([&](auto C) { this->template scores_by_dot<decltype(C)::value>(s, h * per_kv_head, per_kv_head); });
         accumulate(s, h * per_kv_head, per_kv_head, start, n);
       }
     }
