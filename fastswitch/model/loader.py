@@ -51,7 +51,19 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
                 filled.add(name if piece is None else f"{name}#{piece}")
     _check_complete(params, filled)
     log.info("loaded %s (%s, %d shards) as %s on %s", cfg.path, cfg.arch, len(files), dtype, device)
+    if device.type == "cpu":
+        _prepack(model)
     return model.eval()
+
+
+def _prepack(model: CausalLM) -> None:
+    if not torch.backends.mkldnn.is_available():
+        log.info("oneDNN unavailable: linear weights stay in torch's layout")
+        return
+    try:
+        model.prepack()
+    except RuntimeError as e:  # a CPU or dtype oneDNN cannot pack for: the plain matmuls still work
+        log.warning("linear weights not prepacked for oneDNN (%s)", str(e).splitlines()[0])
 
 
 def _target(hf_name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
