@@ -84,3 +84,23 @@ def test_prefill_logits_match_transformers(model, backend, model_dirs, prompts):
     chunked = _prefill_logits(llm.engine, prompt, [100, 37, 1, 162])  # cached context, odd block offsets
     torch.testing.assert_close(whole, expected, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(chunked, expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepacked_projections_compute_what_plain_matmuls_do(dtype, model_dirs):
+    """On a CPU the loader packs every projection and the LM head for oneDNN; the results do not change."""
+    from fastswitch.model.config import ModelConfig
+    from fastswitch.model.llama import Linear
+    from fastswitch.model.loader import load_model
+
+    model = load_model(ModelConfig.from_folder(model_dirs["qwen2"]), dtype, torch.device("cpu"), 256)
+    projections = [m for m in model.modules() if isinstance(m, Linear)]
+    assert projections and all(m.weight.is_mkldnn for m in projections)
+    tol = 0.0 if dtype == torch.bfloat16 else 1e-4  # bf16: the same oneDNN kernel either way
+    for m in projections[:4]:
+        x = torch.randn(5, m.weight.shape[1]).to(dtype)
+        expected = torch.nn.functional.linear(x, m.weight.to_dense(), m.bias)
+        torch.testing.assert_close(m(x), expected, rtol=tol, atol=tol)
+    hidden = torch.randn(5, model.embed_tokens.shape[1]).to(dtype)
+    expected = torch.nn.functional.linear(hidden, model.embed_tokens).float()
+    torch.testing.assert_close(model.compute_logits(hidden), expected, rtol=tol, atol=tol)

