@@ -73,7 +73,8 @@ class Sampler:
         temperature = torch.tensor([r.params.temperature for r in rows], device=device).unsqueeze(1)
         if all(r.params.top_k <= 0 and r.params.top_p == 1 and r.params.min_p == 0 for r in rows):
             return self._pick((logits / temperature).softmax(dim=-1), rows)  # nothing to cut: no sort
-        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device).unsqueeze(1)
+        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows],
+                             device=device).unsqueeze(1)
         top_p = torch.tensor([r.params.top_p for r in rows], device=device).unsqueeze(1)
         min_p = torch.tensor([r.params.min_p for r in rows], device=device).unsqueeze(1)
         sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)

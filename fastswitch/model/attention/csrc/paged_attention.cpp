@@ -74,7 +74,8 @@ constexpr int fold_lane(int L, int t, bool high) {
 }
 template <int L, size_t... t>
 inline vf fold(vf a, vf b, std::index_sequence<t...>) {
-  return __builtin_shufflevector(a, b, fold_lane(L, t, false)...) + __builtin_shufflevector(a, b, fold_lane(L, t, true)...);
+  return __builtin_shufflevector(a, b, fold_lane(L, t, false)...) +
+         __builtin_shufflevector(a, b, fold_lane(L, t, true)...);
 }
 template <int L = W>
 inline vf sums_of(vf* p) {  // overwrites p
@@ -288,7 +289,8 @@ struct PagedAttention {
       }
       s.row_sum[m] = s.row_sum[m] * correction + hsum(sum);
       s.row_max[m] = new_max;
-      with_row_vectors([&](auto C) { this->template add_values<decltype(C)::value>(&s.acc[m * DP], correction, sc, s.vbuf.data(), valid); });
+      float* acc = &s.acc[m * DP];
+      with_row_vectors([&](auto C) { this->template add_values<C()>(acc, correction, sc, s.vbuf.data(), valid); });
     }
   }
 
@@ -330,7 +332,7 @@ struct PagedAttention {
         load_block(k_cache + at, n, s.kbuf.data());
         load_block(v_cache + at, n, s.vbuf.data());
         if (per_kv_head >= WIDE_QUERIES) scores_by_transpose(s, h * per_kv_head, per_kv_head);
-        else with_row_vectors([&](auto C) { this->template scores_by_dot<decltype(C)::value>(s, h * per_kv_head, per_kv_head); });
+        else with_row_vectors([&](auto C) { this->template scores_by_dot<C()>(s, h * per_kv_head, per_kv_head); });
         accumulate(s, h * per_kv_head, per_kv_head, start, n);
       }
     }
