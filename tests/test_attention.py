@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastswitch.model.attention import StepBatch, cpu, select_backend, torch_ref
+from fastswitch.model.cpu_features import cpu_flags
 
 pytestmark = pytest.mark.skipif(not cpu.load_kernel(), reason="the CPU attention kernel could not be built here")
 
@@ -109,6 +110,19 @@ def test_bad_metadata_is_refused():
     with pytest.raises(RuntimeError, match="one dtype"):
         meta.attend(torch.zeros(1, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 1, 64), torch.zeros(1, 1, 64),
                     pool[:, 0, 0], pool[:, 0, 1], 0.125)
+
+
+@pytest.mark.parametrize("isa, needs", [("avx2", "avx2"), ("sse", "sse2")])
+def test_narrower_vector_widths_match_the_reference_too(isa, needs, tmp_path):
+    """The AVX2 (8 lanes) and SSE (4 lanes) builds run the same properties: a CI machine may have only those."""
+    if needs not in cpu_flags().split():
+        pytest.skip(f"this CPU has no {needs}")
+    tests = [f"{__file__}::{name}" for name in ("test_kernel_matches_reference", "test_long_context_is_split_and_merged")]
+    env = {**os.environ, "FASTSWITCH_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout
 
 
 def test_auto_falls_back_to_the_reference_without_a_compiler(tmp_path):

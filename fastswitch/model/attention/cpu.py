@@ -2,13 +2,15 @@
 
 The kernel is compiled on first use for the machine it runs on (-march=native: AVX-512 where the CPU
 has it, else AVX2, else SSE) and cached by torch under its extensions folder, keyed by the CPU's
-flags, so a cache built elsewhere is never loaded. Without a working compiler it is not there, and
-'auto' falls back to the torch reference with one log line.
+flags, so a cache built elsewhere is never loaded. `FASTSWITCH_CPU_ISA=avx2` or `sse` builds the
+narrower code instead (the tests check every width on a machine that has them). Without a working
+compiler it is not there, and 'auto' falls back to the torch reference with one log line.
 """
 
 import hashlib
 import platform
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -23,6 +25,7 @@ from fastswitch.model.cpu_features import cpu_flags
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]  # OpenMP: at::parallel_for is inline
+NARROWER = {"native": [], "avx2": ["-mno-avx512f"], "sse": ["-mno-avx512f", "-mno-avx2", "-mno-avx", "-mno-fma"]}
 
 
 @cache
@@ -30,10 +33,13 @@ def load_kernel() -> bool:
     """Builds (first use on this CPU only) and loads the kernel; False, with one log line, if it cannot."""
     from torch.utils import cpp_extension
 
-    tag = hashlib.sha1(f"{cpu_flags() or platform.processor()} {torch.__version__}".encode()).hexdigest()[:10]
+    isa = os.environ.get("FASTSWITCH_CPU_ISA", "native")
+    if isa not in NARROWER:
+        raise ValueError(f"FASTSWITCH_CPU_ISA={isa!r}: choose from {', '.join(NARROWER)}")
+    tag = hashlib.sha1(f"{cpu_flags() or platform.processor()} {torch.__version__} {isa}".encode()).hexdigest()[:10]
     started = time.perf_counter()
     try:
-        cpp_extension.load(f"fastswitch_attention_{tag}", [str(SOURCE)], extra_cflags=CFLAGS,
+        cpp_extension.load(f"fastswitch_attention_{tag}", [str(SOURCE)], extra_cflags=CFLAGS + NARROWER[isa],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the reference still works
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
