@@ -95,7 +95,6 @@ class EngineConfig:
                 raise ValueError(f"invalid vtc_user_weights entry {item!r}: a weight must be > 0")
         return weights
 
-
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("engine options")

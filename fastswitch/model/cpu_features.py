@@ -27,6 +27,6 @@ def cpu_dtype(model_dtype: torch.dtype) -> torch.dtype:
     if any(f in flags for f in NATIVE[model_dtype]) or platform.machine() not in ("x86_64", "AMD64"):
         log.info("dtype auto: %s, which this CPU computes natively", model_dtype)
         return model_dtype
-    log.info("dtype auto: float32, as this CPU has no native %s (none of %s); half the KV fits", model_dtype,
-             ", ".join(NATIVE[model_dtype]))
+    log.info("dtype auto: float32, as this CPU has no native %s (none of %s); KV takes twice the memory",
+             model_dtype, ", ".join(NATIVE[model_dtype]))
     return torch.float32

@@ -154,9 +154,12 @@ class CausalLM(nn.Module):
             x = layer(x, rope, kv_layer, meta)
         return self.norm(x)
 
+    def _head(self) -> torch.Tensor:
+        return self.lm_head if hasattr(self, "lm_head") else self.embed_tokens
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.lm_head if hasattr(self, "lm_head") else self.embed_tokens
-        return linear(hidden, getattr(self, "packed_head", weight)).float()
+        weight = self.packed_head if hasattr(self, "packed_head") else self._head()
+        return linear(hidden, weight).float()
 
     def prepack(self) -> None:
         """On a CPU: every projection, and the LM head (a copy, when tied to the embedding the lookup reads), in
@@ -164,5 +167,4 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.weight = nn.Parameter(prepacked(module.weight.data), requires_grad=False)
-        head = self.lm_head if hasattr(self, "lm_head") else self.embed_tokens
-        self.packed_head = prepacked(head.data)
+        self.packed_head = prepacked(self._head().data)

@@ -97,8 +97,7 @@ class Sampler:
         return picks
 
     def _generator(self, row: SampleInput) -> torch.Generator:
-        if row.params.seed is None:
-            return self.shared
+        """A seeded request's own generator, made at its first draw."""
         if row.request_id not in self.generators:
             self.generators[row.request_id] = torch.Generator(self.device).manual_seed(row.params.seed)
         return self.generators[row.request_id]

@@ -8,9 +8,9 @@ compiler it is not there, and 'auto' falls back to the torch reference with one 
 """
 
 import hashlib
-import platform
 import logging
 import os
+import platform
 import time
 from dataclasses import dataclass
 from functools import cache
