@@ -163,7 +163,7 @@ class CausalLM(nn.Module):
 
     def prepack(self) -> None:
         """On a CPU: every projection, and the LM head (a copy, when tied to the embedding the lookup reads), in
-        oneDNN's layout. A decode step at batch 8 runs 1.5-2x faster in bf16 (4x in fp32), with equal results."""
+        oneDNN's layout. The 0.5b decode step at batch 8 runs about 1.8x faster in bf16, with equal results."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.weight = nn.Parameter(prepacked(module.weight.data), requires_grad=False)
