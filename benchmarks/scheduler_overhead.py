@@ -34,9 +34,9 @@ def measure(policy: str, requests: int, steps: int, tight: bool) -> dict:
     for i in range(requests):
         engine.add_request([rng.randrange(3, 4000) for _ in range(prompt_len)], params, priority=rng.randrange(4),
                            user=f"user{i % 16}")
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running + list(engine.scheduler.waiting)):
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.running + list(engine.core.scheduler.waiting)):
         engine.step()  # prefill everything first: measure steady decoding
-    scheduler, spent = engine.scheduler, []
+    scheduler, spent = engine.core.scheduler, []
     original = scheduler.schedule
 
     def timed():
@@ -46,7 +46,7 @@ def measure(policy: str, requests: int, steps: int, tight: bool) -> dict:
         return out
 
     scheduler.schedule = timed
-    stats = engine.stats
+    stats = engine.core.stats
     before = (stats.iterations, stats.step_time_s, stats.model_time_s, stats.preemptions)
     for _ in range(steps):
         engine.step()

@@ -2,7 +2,7 @@
 
 from fastswitch.config import EngineConfig
 from fastswitch.engine.engine import Engine
-from fastswitch.engine.request import RequestOutput
+from fastswitch.engine.outputs import RequestOutput
 from fastswitch.llm import LLM
 from fastswitch.sampling import SamplingParams
 

@@ -15,6 +15,7 @@ from fastswitch.model.config import ModelError
 from fastswitch.model.demo import ARCHS, SIZES, default_model_path, write_demo_model
 from fastswitch.sampling import SamplingParams
 
+CORE_DEATH_EXIT_DELAY_S = 2.0
 DEMO_PROMPTS = [
     "The quick brown fox",
     "Return the number of items in a container.",
@@ -161,19 +162,24 @@ def _demo_model(args) -> int:
 
 
 def _serve(args) -> int:
+    import asyncio
+
     import uvicorn
 
-    from fastswitch.engine.engine import Engine
     from fastswitch.server.app import ServerConfig, build_app
-    from fastswitch.server.async_engine import AsyncEngine
+    from fastswitch.server.core_client import EngineCoreClient
 
     for name in ("port", "max_queue", "max_request_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     config = EngineConfig.from_cli_args(args)
-    engine = AsyncEngine(Engine(config))
+    engine = EngineCoreClient(config, args.log_level)  # returns once the core has loaded the model
     name = args.served_model_name or Path(config.model or default_model_path()).name
-    app = build_app(engine, ServerConfig(name, args.api_key, args.max_queue, args.max_request_bytes))
+
+    def on_core_death():  # answer 503 for a moment (clients and probes see why), then exit non-zero
+        asyncio.get_running_loop().call_later(CORE_DEATH_EXIT_DELAY_S, setattr, server, "should_exit", True)
+
+    app = build_app(engine, ServerConfig(name, args.api_key, args.max_queue, args.max_request_bytes), on_core_death)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", flush=True)
@@ -183,7 +189,7 @@ def _serve(args) -> int:
         server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done or the deadline passed
     finally:
         engine.shutdown()
-    return 0
+    return 1 if engine.dead else 0
 
 
 def _bench_swap(args) -> int:
@@ -223,9 +229,9 @@ def _bench_run(args) -> int:
           f"{args.mode}", flush=True)
     if args.mode == "offline":
         engine = Engine(config)
-        before = runner.engine_counters(engine.stats)
+        before = runner.engine_counters(engine.core.stats)
         records, duration = runner.run_offline(engine, conversations)
-        counters = {k: v - before[k] for k, v in runner.engine_counters(engine.stats).items()}
+        counters = {k: v - before[k] for k, v in runner.engine_counters(engine.core.stats).items()}
     else:
         with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
             before = runner.server_counters(url)

@@ -4,7 +4,7 @@ from tqdm import tqdm
 
 from fastswitch.config import EngineConfig
 from fastswitch.engine.engine import Engine, Prompt
-from fastswitch.engine.request import RequestOutput
+from fastswitch.engine.outputs import RequestOutput
 from fastswitch.sampling import SamplingParams
 
 

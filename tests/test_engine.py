@@ -115,14 +115,14 @@ def test_abort_frees_memory_and_spares_the_others(llm, prompts):
     keep = engine.add_request(prompts[3], SamplingParams(**GREEDY, max_tokens=10))
     drop = engine.add_request(prompts[6], SamplingParams(**GREEDY, max_tokens=10))
     engine.step()
-    assert engine.kv.device.num_available < engine.kv.num_blocks
+    assert engine.core.kv.device.num_available < engine.core.kv.num_blocks
     engine.abort(drop)
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]
     assert [o.request_id for o in finished] == [keep]
     assert finished[0].token_ids == greedy(llm, prompts[3], max_tokens=10).token_ids
-    assert engine.kv.device.num_available == engine.kv.num_blocks
+    assert engine.core.kv.device.num_available == engine.core.kv.num_blocks
 
 
 def test_kv_statistics(llama_dir, prompts):
@@ -130,7 +130,7 @@ def test_kv_statistics(llama_dir, prompts):
     for p in prompts[:4]:
         engine.add_request(p, SamplingParams(**GREEDY, max_tokens=4))
     engine.step()
-    stats = engine.kv_stats()
+    stats = engine.core.kv_stats()
     assert stats["groups_per_request"] == 1.0  # a fresh, roomy pool: every request in one contiguous group
     assert 0 < stats["device_free_blocks"] < stats["device_blocks"]
     assert stats["device_largest_free_group"] & (stats["device_largest_free_group"] - 1) == 0  # a power of two
@@ -168,7 +168,7 @@ def test_bad_prompts_are_refused_before_any_work(llm, prompt, message, prompts):
     while engine.has_unfinished_requests():
         outputs += engine.step()
     assert [o.request_id for o in outputs if o.finished] == [ok]
-    assert engine.kv.device.num_available == engine.kv.num_blocks
+    assert engine.core.kv.device.num_available == engine.core.kv.num_blocks
 
 
 def test_generate_refuses_a_batch_with_one_bad_prompt_and_runs_nothing(llm, prompts):

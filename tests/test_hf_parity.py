@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from fastswitch import LLM, SamplingParams
-from fastswitch.engine.request import Request
-from fastswitch.model.tokenizer import IncrementalDetokenizer
+from fastswitch.messages import NewRequest, ScheduledRequest, SchedulerOutput
 from tests.conftest import MODELS
 from tests.reference import hf_greedy, hf_logits
 
@@ -41,8 +40,8 @@ def test_greedy_matches_transformers(model, run, backend, model_dirs, prompts, r
         assert out.finish_reason == "length"
     if "tight" in run:
         assert sum(o.metrics.num_preemptions for o in outputs) > 0, "the tight pool should force preemption"
-        assert llm.engine.stats.swap_out_blocks > 0, "preemption under memory pressure swaps by default"
-    assert llm.engine.kv.device.num_available == llm.engine.kv.num_blocks
+        assert llm.engine.core.stats.swap_out_blocks > 0, "preemption under memory pressure swaps by default"
+    assert llm.engine.core.kv.device.num_available == llm.engine.core.kv.num_blocks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,16 +60,17 @@ def test_greedy_matches_transformers_over_cached_prefixes(model, backend, model_
 
 def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tensor:
     """Prompt logits at every position, computing the prompt in the given chunk sizes."""
-    request = Request("r", None, prompt, SamplingParams(), 0.0, IncrementalDetokenizer(engine.tokenizer, prompt, True))
-    request.block_ids = engine.kv.device.allocate(-(-len(prompt) // engine.config.block_size))
-    runner, pieces = engine.runner, []
+    blocks = engine.core.kv.device.allocate(-(-len(prompt) // engine.config.block_size))
+    runner, pieces, computed = engine.core.executor, [], 0
+    runner.execute(SchedulerOutput(0, [], [NewRequest("r", prompt, len(prompt), SamplingParams())], [], [], []))
     with torch.inference_mode():
         for n in chunks:
-            ids, positions, meta, _ = runner._prepare([(request, n)])
+            step = SchedulerOutput(0, [ScheduledRequest("r", computed, n, blocks)], [], [], [], [])
+            ids, positions, meta, _, _ = runner._prepare(step)
             hidden = runner.model(ids, positions, runner.kv_layers, meta)
             pieces.append(runner.model.compute_logits(hidden))
-            request.num_computed_tokens += n
-    engine.kv.device.drop(request.block_ids)
+            computed += n
+    engine.core.kv.device.drop(blocks)
     return torch.cat(pieces)
 
 

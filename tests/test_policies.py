@@ -7,12 +7,13 @@ import torch
 
 from fastswitch import LLM, SamplingParams
 from fastswitch.engine.policies import PriorityPolicy, VTCPolicy, make_policy
-from fastswitch.engine.request import Request, Status
 from fastswitch.engine.scheduler import CostModel, Scheduler
-from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import SwapManager
+from fastswitch.request import Request, Status
+from fastswitch.stats import EngineStats
+from tests.model_free import execute
 
 BLOCK = 4
 CPU = torch.device("cpu")
@@ -27,25 +28,19 @@ def make_scheduler(num_blocks=64, max_num_seqs=4, budget=64, policy=None, mode="
 
 
 def request(name: str, prompt_len=8, priority=0, user="", arrival=0.0, max_tokens=50) -> Request:
-    return Request(name, None, [7] * prompt_len, SamplingParams(max_tokens=max_tokens), arrival, None, priority, user)
+    return Request(name, [7] * prompt_len, SamplingParams(max_tokens=max_tokens), arrival, priority, user)
 
 
 def step(scheduler: Scheduler):
-    """A fake model runner: computes the scheduled chunks and samples a token where a chunk ends."""
+    """A model-free step, then every copy settled."""
     out = scheduler.schedule()
-    for r, n in out.scheduled:
-        sampled = r.num_computed_tokens + n == r.num_tokens
-        scheduler.served(r, n, sampled)
-        if sampled:
-            r.token_ids.append(1)
-            if r.num_output_tokens >= r.params.max_tokens:
-                scheduler.finish(r)
+    execute(scheduler, out)
     scheduler.kv.drain()
     return out
 
 
-def names(pairs) -> list[str]:
-    return sorted(r.request_id for r, _ in pairs) if pairs and isinstance(pairs[0], tuple) else sorted(r.request_id for r in pairs)
+def names(items) -> list[str]:
+    return sorted(i if isinstance(i, str) else i.request_id for i in items)
 
 
 def test_high_priority_arrival_into_a_full_batch_runs_at_once_preempting_only_the_lowest():
@@ -57,7 +52,7 @@ def test_high_priority_arrival_into_a_full_batch_runs_at_once_preempting_only_th
     s.add(request("urgent", priority=0, arrival=9))
     out = step(s)
     assert "urgent" in names(out.scheduled)
-    assert names(out.preempted) == ["p4"]  # the lowest-ranked, and no one else
+    assert names(out.preempted_ids) == ["p4"]  # the lowest-ranked, and no one else
     assert s.running and all(r.request_id != "p4" for r in s.running)
 
 
@@ -68,7 +63,7 @@ def test_memory_pressure_preempts_no_more_than_needed():
     step(s)
     s.add(request("urgent", prompt_len=20, priority=0, arrival=9))  # needs 5 blocks: two victims
     out = step(s)
-    assert names(out.preempted) == ["p3", "p4"]
+    assert names(out.preempted_ids) == ["p3", "p4"]
     assert "urgent" in names(out.scheduled)
 
 
@@ -78,12 +73,12 @@ def test_a_just_resumed_request_is_not_preempted_again_within_the_guard():
     s.add(b)
     step(s)
     s.add(request("c", priority=0, arrival=1))
-    assert names(step(s).preempted) == ["b"]
-    s.finish(next(r for r in s.running if r.request_id == "c"))
+    assert names(step(s).preempted_ids) == ["b"]
+    s.abort("c")
     step(s)  # b is resumed
     assert b.status == Status.RUNNING and b.resumed_iteration == s.iteration
     s.add(request("d", priority=0, arrival=2))  # outranks b, but b was just resumed
-    preempted = [names(step(s).preempted) for _ in range(4)]
+    preempted = [names(step(s).preempted_ids) for _ in range(4)]
     assert preempted[:2] == [[], []]  # guarded: d waits
     assert ["b"] in preempted[2:]  # then b yields to d
 
@@ -96,8 +91,8 @@ def test_fcfs_never_preempts_for_a_later_arrival():
     for _ in range(200):
         before = {r.request_id for r in s.running}
         out = step(s)
-        preemptions += len(out.preempted)
-        finished_order += sorted(before - {r.request_id for r in s.running} - {r.request_id for r in out.preempted})
+        preemptions += len(out.preempted_ids)
+        finished_order += sorted(before - {r.request_id for r in s.running} - set(out.preempted_ids))
         if not s.has_unfinished():
             break
     assert preemptions == 0
@@ -109,14 +104,14 @@ def test_set_priority_reorders_the_queue(llama_dir, prompts):
     engine = llm.engine
     first = engine.add_request(prompts[0], SamplingParams(max_tokens=2, ignore_eos=True), priority=5)
     second = engine.add_request(prompts[1], SamplingParams(max_tokens=2, ignore_eos=True), priority=5)
-    assert engine.set_priority(second, 0)
+    assert engine.core.set_priority(second, 0)
     finished = []
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == [second, first]
     with pytest.raises(ValueError, match="priority"):
-        engine.set_priority(first, "high")
-    assert not engine.set_priority("gone", 1)
+        engine.core.set_priority(first, "high")
+    assert not engine.core.set_priority("gone", 1)
 
 
 def test_generate_takes_priorities(llama_dir, prompts):
@@ -189,16 +184,16 @@ def run_trace(llama_dir, prompts, seed: int):
     llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=40, max_num_seqs=4, policy="trace",
               trace_update_freq=0.3, trace_pattern="markov", seed=seed)
     engine, schedule = llm.engine, []
-    original = engine.scheduler.schedule
+    original = engine.core.scheduler.schedule
 
     def recording():
         out = original()
-        schedule.append([(r.request_id, n) for r, n in out.scheduled])
+        schedule.append([(r.request_id, r.num_new_tokens) for r in out.scheduled])
         return out
 
-    engine.scheduler.schedule = recording
+    engine.core.scheduler.schedule = recording
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    return engine.scheduler.policy.changes, schedule, [o.token_ids for o in outputs]
+    return engine.core.scheduler.policy.changes, schedule, [o.token_ids for o in outputs]
 
 
 def test_trace_with_a_fixed_seed_repeats_exactly(llama_dir, prompts):
@@ -226,24 +221,24 @@ def test_every_policy_and_preemption_mode_keeps_the_tokens(policy, mode, llama_d
     ids = [engine.add_request(p, params, priority=rng.randrange(4), user=f"u{i % 3}") for i, p in enumerate(prompts)]
     done = {}
     while engine.has_unfinished_requests():
-        if engine.scheduler.iteration % 5 == 0 and ids[-1] in engine.requests:
-            engine.set_priority(ids[-1], rng.randrange(4))
+        if engine.core.scheduler.iteration % 5 == 0 and ids[-1] in engine.core.scheduler.requests:
+            engine.core.set_priority(ids[-1], rng.randrange(4))
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert [done[i].token_ids for i in ids] == undisturbed
-    assert engine.stats.preemptions > 0 or sum(o.metrics.num_preemptions for o in done.values()) > 0
-    engine.kv.drain()
-    assert engine.kv.device.num_available == engine.kv.num_blocks and not engine.kv.device.refs
-    assert not engine.kv.host.refs
+    assert engine.core.stats.preemptions > 0 or sum(o.metrics.num_preemptions for o in done.values()) > 0
+    engine.core.kv.drain()
+    assert engine.core.kv.device.num_available == engine.core.kv.num_blocks and not engine.core.kv.device.refs
+    assert not engine.core.kv.host.refs
 
 
 def test_per_request_accounting(llama_dir, prompts):
     llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=128)
     engine = llm.engine
-    engine.swapper.inline_bytes = 0
+    engine.core.swapper.inline_bytes = 0
     rid = engine.add_request(prompts[6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.preempt(rid)
+    assert engine.core.preempt(rid)
     outputs = []
     while engine.has_unfinished_requests():
         outputs += [o for o in engine.step() if o.finished]

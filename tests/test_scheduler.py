@@ -7,13 +7,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastswitch.engine.policies import POLICIES, make_policy
-from fastswitch.engine.request import Request, Status
 from fastswitch.engine.scheduler import Scheduler
-from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import SwapManager
+from fastswitch.request import Request, Status
 from fastswitch.sampling import SamplingParams
+from fastswitch.stats import EngineStats
+from tests.model_free import execute
 
 BLOCK = 4
 
@@ -27,34 +28,29 @@ def make_kv(num_blocks: int) -> KVManager:
 
 
 def make_request(i: int, prompt_len: int, max_tokens: int, priority: int = 0) -> Request:
-    return Request(f"r{i}", None, [7] * prompt_len, SamplingParams(max_tokens=max_tokens), float(i), None,
-                   priority=priority, user=f"u{i % 3}")
+    return Request(f"r{i}", [7] * prompt_len, SamplingParams(max_tokens=max_tokens), float(i), priority=priority,
+                   user=f"u{i % 3}")
 
 
 def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_blocks: int):
-    assert sum(n for _, n in out.scheduled) <= budget
+    assert out.num_scheduled_tokens <= budget
     assert len(scheduler.running) <= max_seqs
     held = [b for r in scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held)), "a block is held twice"
     assert len(held) + scheduler.kv.device.num_available == num_blocks, "blocks leaked"
     assert all(not r.block_ids and r.num_computed_tokens == 0 for r in scheduler.waiting)
-    for request, n in out.scheduled:
-        assert request.status == Status.RUNNING and n >= 1
-        assert request.num_computed_tokens + n <= request.num_tokens
-        assert len(request.block_ids) * BLOCK >= request.num_computed_tokens + n
+    for s in out.scheduled:
+        request = scheduler.requests[s.request_id]
+        assert request.status == Status.RUNNING and s.num_new_tokens >= 1
+        assert s.num_computed_tokens == request.num_computed_tokens
+        assert request.num_computed_tokens + s.num_new_tokens <= request.num_tokens
+        assert len(s.block_ids) * BLOCK >= request.num_computed_tokens + s.num_new_tokens
 
 
 def advance(scheduler: Scheduler, out) -> list[Request]:
-    """What the engine does after the forward pass: count computed tokens, append a token, finish."""
-    finished = []
-    for request, n in out.scheduled:
-        scheduler.served(request, n, request.num_computed_tokens + n == request.num_tokens)
-        if request.num_computed_tokens == request.num_tokens:
-            request.token_ids.append(1)
-            if request.num_output_tokens == request.params.max_tokens:
-                scheduler.finish(request)
-                finished.append(request)
-    return finished
+    """The model-free step; the requests it finished."""
+    requests = {s.request_id: scheduler.requests[s.request_id] for s in out.scheduled}
+    return [requests[o.request_id] for o in execute(scheduler, out) if o.finish_reason is not None]
 
 
 @settings(max_examples=150, deadline=None)
@@ -104,7 +100,7 @@ def test_decodes_keep_running_while_a_long_prompt_is_chunked():
     chunks = []
     for _ in range(7):
         out = scheduler.schedule()
-        scheduled = dict((r.request_id, n) for r, n in out.scheduled)
+        scheduled = {s.request_id: s.num_new_tokens for s in out.scheduled}
         assert scheduled["r0"] == 1, "the decode was stalled"
         chunks.append(scheduled.get("r1", 0))
         advance(scheduler, out)
@@ -119,7 +115,7 @@ def test_when_memory_runs_out_the_latest_request_is_recomputed_later():
     advance(scheduler, scheduler.schedule())  # both prefilled: 2 blocks each, pool full
     advance(scheduler, scheduler.schedule())  # the 8th tokens still fit
     out = scheduler.schedule()  # first needs a third block for its 9th: second is preempted
-    assert out.preempted == [second] and [r for r, _ in out.scheduled] == [first]
+    assert out.preempted_ids == ["r1"] and [s.request_id for s in out.scheduled] == ["r0"]
     assert second.status == Status.WAITING and second.num_computed_tokens == 0 and not second.block_ids
     assert second.metrics.num_preemptions == 1
     assert scheduler.waiting[0] is second
@@ -129,7 +125,7 @@ def test_running_requests_short_of_memory_never_livelock_under_any_policy():
     """Every running request needs a block at once, from one user (vtc counters equal): someone yields."""
     for policy in POLICIES:
         scheduler = Scheduler(KVManager(8, 0, BLOCK, EngineStats()), 4, 64, "recompute", make_policy(policy), 0)
-        requests = [Request(f"r{i}", None, [7] * 7, SamplingParams(max_tokens=20), float(i), None, user="same")
+        requests = [Request(f"r{i}", [7] * 7, SamplingParams(max_tokens=20), float(i), user="same")
                     for i in range(4)]
         for r in requests:
             scheduler.add(r)

@@ -5,13 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastswitch.engine.request import Request, Status
-from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.allocator import BlockAllocator
 from fastswitch.kv.layout import KVPool
-from fastswitch.kv.manager import KVManager
-from fastswitch.kv.swap import SwapManager, plan_copies
+from fastswitch.kv.manager import KVManager, plan_copies
+from fastswitch.kv.swap import SwapManager
+from fastswitch.request import Request, Status
 from fastswitch.sampling import SamplingParams
+from fastswitch.stats import EngineStats
 
 BLOCK, LAYERS = 4, 2
 CPU = torch.device("cpu")
@@ -50,6 +50,19 @@ def compute(kv: KVManager, request: Request, n: int) -> None:
     kv.commit(request)
 
 
+def flush(kv: KVManager) -> None:
+    """What the engine does with a step's plan before the forward: start the planned copies."""
+    kv.swapper.start(kv.take_copies())
+
+
+def settle(kv: KVManager, request: Request) -> None:
+    """Wait for the request's copy in flight, and let the KV manager see it done."""
+    flush(kv)
+    if request.swap is not None:
+        kv.swapper.wait(request.swap)
+    kv.poll()
+
+
 def read(kv: KVManager, request: Request) -> torch.Tensor:
     pool = kv.swapper.device_pool
     tokens = [pool[request.block_ids[p // BLOCK], :, :, p % BLOCK] for p in range(request.num_computed_tokens)]
@@ -58,8 +71,7 @@ def read(kv: KVManager, request: Request) -> torch.Tensor:
 
 def new_life(request_id: str, conversation: int) -> Request:
     """A request whose 64 tokens are conversation `conversation`'s: lives of the same one share prefixes."""
-    return Request(request_id, None, [1000 * conversation + t for t in range(64)], SamplingParams(max_tokens=8), 0.0,
-                   None)
+    return Request(request_id, [1000 * conversation + t for t in range(64)], SamplingParams(max_tokens=8), 0.0)
 
 
 ops = st.lists(st.tuples(st.sampled_from(["admit"] * 3 + ["write"] * 4 + ["out"] * 3 + ["in"] * 3 +
@@ -79,11 +91,10 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
         if op == "admit" and r.status == Status.WAITING:
             got = kv.admit(r, n)
             if got is not None:
-                r.status = Status.RUNNING
-                compute(kv, r, got)
+                r.status, r.num_computed_tokens = Status.RUNNING, got[0]
+                compute(kv, r, got[1])
         elif op == "write" and r.status == Status.RUNNING and r.num_computed_tokens + n <= r.num_tokens:
-            if r.swap is not None:
-                kv.swapper.wait(r.swap)
+            settle(kv, r)
             if kv.can_grow(r, n):
                 kv.grow(r, n)
                 compute(kv, r, n)
@@ -94,7 +105,7 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
                 kv.release(r)
                 requests[i] = new_life(r.request_id, n % 3)
         elif op == "in" and r.status == Status.SWAPPED:
-            kv.swapper.wait(r.swap)
+            settle(kv, r)
             if kv.swap_in(r):
                 r.status = Status.RUNNING
         elif op == "free":
@@ -102,8 +113,9 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
             requests[i] = new_life(r.request_id, n % 3)
         elif op == "evict":
             (kv.device if i % 2 else kv.host).evict(n)
-        elif op == "check" and r.swap is not None:
-            kv.swapper.wait(r.swap)
+        elif op == "check":
+            settle(kv, r)
+        flush(kv)
         for req in requests:
             if req.status == Status.RUNNING and kv.ready(req):
                 expected = torch.stack([kv_of(t) for t in req.token_ids[: req.num_computed_tokens]]) \
@@ -114,6 +126,7 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
         assert not set(held) & set(kv.device.lru), "a block in use is evictable"
     for r in requests:
         kv.release(r)
+    flush(kv)
     kv.drain()
     assert not kv.device.refs and not kv.host.refs
     assert kv.device.num_available == num_blocks and kv.host.num_available == num_host_blocks
@@ -126,66 +139,79 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
 
 def test_second_swap_out_copies_only_the_blocks_written_since():
     kv = make_kv("fastswitch", 16, 16)
-    r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    r = Request("r", [1] * 40, SamplingParams(max_tokens=8), 0.0)
     kv.grow(r, 22)
     compute(kv, r, 22)  # 6 blocks, the last one partly filled
-    assert kv.swap_out(r) and kv.stats.swap_out_blocks == 6 and kv.stats.reuse_saved_blocks == 0
-    kv.swapper.wait(r.swap)
+    assert kv.swap_out(r)
+    flush(kv)
+    assert kv.stats.swap_out_blocks == 6 and kv.stats.reuse_saved_blocks == 0
+    settle(kv, r)
     assert kv.swap_in(r)
-    kv.swapper.wait(r.swap)
+    settle(kv, r)
     assert kv.swap_out(r)  # nothing written since: nothing to copy
     assert kv.stats.swap_out_blocks == 6 and kv.stats.reuse_saved_blocks == 6
-    kv.swapper.wait(r.swap)
+    settle(kv, r)
     kv.swap_in(r)
-    kv.swapper.wait(r.swap)
+    settle(kv, r)
     kv.grow(r, 6)
     compute(kv, r, 6)  # tokens 22..27: the partial block 5 and a new block 6
     assert kv.swap_out(r)
+    flush(kv)
     assert kv.stats.swap_out_blocks == 6 + 2 and kv.stats.reuse_saved_blocks == 6 + 5
 
 
 def test_baseline_copies_every_block_every_time_one_block_and_layer_at_a_time():
     kv = make_kv("baseline", 16, 16)
-    r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    r = Request("r", [1] * 40, SamplingParams(max_tokens=8), 0.0)
     kv.grow(r, 16)
     compute(kv, r, 16)
     for _ in range(2):
         assert kv.swap_out(r) and kv.swap_in(r)
+    flush(kv)
     assert kv.stats.swap_out_blocks == 8 and kv.stats.reuse_saved_blocks == 0
     assert kv.stats.copies == 4 * 4 * LAYERS * 2  # 4 swaps of 4 blocks, per layer, K and V
     fast = make_kv("fastswitch", 16, 16)
-    r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    r = Request("r", [1] * 40, SamplingParams(max_tokens=8), 0.0)
     fast.grow(r, 16)
     compute(fast, r, 16)
-    assert fast.swap_out(r) and fast.stats.copies == 1  # one contiguous group: one copy
+    assert fast.swap_out(r)
+    flush(fast)
+    assert fast.stats.copies == 1  # one contiguous group: one copy
 
 
 def test_freed_device_blocks_wait_for_their_copy():
     kv = make_kv("fastswitch", 8, 8)
-    r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    r = Request("r", [1] * 40, SamplingParams(max_tokens=8), 0.0)
     kv.grow(r, 32)
     compute(kv, r, 32)
     gate = kv.swapper._worker.submit(lambda: __import__("time").sleep(0.2))  # keep the copy queued
-    assert kv.swap_out(r) and not r.swap.done()
+    assert kv.swap_out(r)
+    flush(kv)
+    assert not kv.ready(r)
     assert kv.device.num_available == 0  # still being read by the copy
-    other = Request("o", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    other = Request("o", [1] * 40, SamplingParams(max_tokens=8), 0.0)
     assert kv.can_grow(other, 8)  # waits for the copy rather than refusing ...
-    assert r.swap.done() and kv.stats.stall_s > 0  # ... and counts the wait as stall
+    assert kv.ready(r) and kv.stats.stall_s > 0  # ... and counts the wait as stall
     gate.result()
+
+
+def kv_ready_at_once(kv: KVManager, request: Request) -> bool:
+    return request.swap is None and kv.ready(request)
 
 
 def round_trip_twice(kv: KVManager) -> Request:
     """A 6-block request swapped out, in, and out again with one more token written in between."""
-    r = Request("r", None, [1] * 40, SamplingParams(max_tokens=8), 0.0, None)
+    r = Request("r", [1] * 40, SamplingParams(max_tokens=8), 0.0)
     kv.grow(r, 22)
     compute(kv, r, 22)
     assert kv.swap_out(r)
-    kv.swapper.wait(r.swap)
+    settle(kv, r)
     assert kv.swap_in(r)
-    kv.swapper.wait(r.swap)
+    settle(kv, r)
     kv.grow(r, 1)
     compute(kv, r, 1)
     assert kv.swap_out(r)
+    flush(kv)
     return r
 
 
@@ -204,4 +230,4 @@ def test_each_ablation_switches_off_its_own_mechanism():
 
     synchronous = make_kv("fastswitch", 16, 16, asynchronous=False)
     r = round_trip_twice(synchronous)
-    assert r.swap.done() and synchronous.stats.copies == 3  # already copied, on the compute path
+    assert kv_ready_at_once(synchronous, r) and synchronous.stats.copies == 3  # copied on the compute path

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from fastswitch.bench.workload import Conversation, history_prompt
 from fastswitch.config import EngineConfig
 from fastswitch.engine.engine import Engine
-from fastswitch.engine.request import RequestOutput
-from fastswitch.engine.stats import EngineStats
+from fastswitch.engine.outputs import RequestOutput
 from fastswitch.sampling import SamplingParams
+from fastswitch.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_offline(engine: Engine, conversations: list[Conversation], progress: boo
                 c = conversations[n]
                 request_id = engine.add_request(history_prompt(c, k, replies[n]), _params(c, k), f"{c.id}:{k}",
                                                 arrival_time=start + at, user=c.user)
-                live[request_id] = (n, k, engine.requests[request_id].priority)
+                live[request_id] = (n, k, engine.core.scheduler.requests[request_id].priority)
             if not engine.has_unfinished_requests():
                 time.sleep(due[0][0] - now)  # idle until the next arrival
                 continue

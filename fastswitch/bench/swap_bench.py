@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from fastswitch.engine.request import Request
-from fastswitch.engine.stats import EngineStats
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import MODES, SwapManager
 from fastswitch.model.demo import demo_config
+from fastswitch.request import Request
 from fastswitch.sampling import SamplingParams
+from fastswitch.stats import EngineStats
 
 log = logging.getLogger(__name__)
 SHAPES = {"tiny": ("llama", "tiny"), "0.5b": ("qwen2", "0.5b")}
@@ -41,7 +41,7 @@ def measure_switch(model: str, tokens: int, mode: str, device: torch.device, dty
     stats = EngineStats()
     swapper = SwapManager(pool.data, host.data, mode, stats)
     kv = KVManager(num_blocks, num_blocks, block_size, stats, swapper)
-    request = Request("r", None, [0] * tokens, SamplingParams(max_tokens=1), 0.0, None)
+    request = Request("r", [0] * tokens, SamplingParams(max_tokens=1), 0.0)
     kv.grow(request, tokens)  # as the engine would: a prompt's worth of blocks, in groups
     request.num_computed_tokens = tokens
     n_blocks = len(request.block_ids)
@@ -52,8 +52,8 @@ def measure_switch(model: str, tokens: int, mode: str, device: torch.device, dty
     for i in range(repeats + 1):  # the first round trip warms up
         request.host_tokens = 0  # copy every block every time: this measures the switch, not reuse
         copies_before = stats.copies
-        out = _timed(device, lambda: (kv.swap_out(request), swapper.wait(request.swap)))
-        back = _timed(device, lambda: (kv.swap_in(request), swapper.wait(request.swap)))
+        out = _timed(device, lambda: _switch(kv, lambda: kv.swap_out(request)))
+        back = _timed(device, lambda: _switch(kv, lambda: kv.swap_in(request)))
         times.append(out + back)
         copies = stats.copies - copies_before
         floors.append(_timed(device, lambda: host_span.copy_(regions[i % 2], non_blocking=True))
@@ -75,26 +75,26 @@ def measure_interference(model_dir: str, device: str, dtype: str, batch: int, mo
                                  max_num_batched_tokens=max(2048, mover_tokens)))
     for i in range(batch):
         engine.add_request([100 + i] * 16, SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True))
-    mover = Request("mover", None, [7] * mover_tokens, SamplingParams(max_tokens=1), 0.0, None)
-    engine.kv.grow(mover, mover_tokens)
+    mover = Request("mover", [7] * mover_tokens, SamplingParams(max_tokens=1), 0.0)
+    engine.core.kv.grow(mover, mover_tokens)
     mover.num_computed_tokens = mover_tokens
     for _ in range(3):
         engine.step()
     quiet, busy, switches = [], [], 0
     for phase in range(2 * steps):
         background = phase % 2 == 1
-        if background and engine.kv.ready(mover):
+        if background and engine.core.kv.ready(mover):
             mover.host_tokens = 0
             if mover.block_ids:
-                engine.kv.swap_out(mover)
+                engine.core.kv.swap_out(mover)
             else:
-                engine.kv.swap_in(mover)
+                engine.core.kv.swap_in(mover)
             switches += 1
         start = time.perf_counter()
         engine.step()
         (busy if background else quiet).append(time.perf_counter() - start)
-    engine.kv.drain()
-    engine.swapper.close()
+    engine.core.kv.drain()
+    engine.core.swapper.close()
     q, b = statistics.median(quiet), statistics.median(busy)
     return dict(batch=batch, mover_tokens=mover_tokens, quiet_step_s=q, busy_step_s=b, slowdown=b / q - 1,
                 switches=switches)
@@ -159,6 +159,13 @@ def plot(rows: list[dict], path: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _switch(kv: KVManager, plan) -> None:
+    """Plan a swap, make its copies and wait for them, as the engine does when it must."""
+    plan()
+    kv.swapper.start(kv.take_copies())
+    kv.drain()
 
 
 def _sync(device: torch.device) -> None:

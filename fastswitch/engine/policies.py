@@ -15,7 +15,7 @@
 import random
 from collections import defaultdict
 
-from fastswitch.engine.request import Request
+from fastswitch.request import Request
 
 POLICIES = ("fcfs", "priority", "vtc", "trace")
 VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt

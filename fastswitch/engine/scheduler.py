@@ -15,18 +15,26 @@ iteration), except those resumed within the last `thrash_guard` iterations. A pa
 request that still does not fit blocks everyone ranked below it from starting, so a large
 high-ranked request is not starved by small ones. Preemption is by swap (KV to the host), by
 recomputation (KV dropped), or `auto`: whichever is cheaper, from the
-measured copy bandwidth and prefill speed.
+measured copy bandwidth and prefill speed. A request whose KV is still being copied in is not
+preempted.
+
+`schedule()` returns the step as plain data (`SchedulerOutput`: who computes how many tokens, with
+which blocks, and the copies to make first); `update_from_output()` takes the sampled tokens back
+and does everything that follows a forward: computed tokens, prefix commits, appended tokens, stop
+checks by token id, finishing and releasing. The scheduler is the only writer of a request's
+progress (`num_computed_tokens`, `token_ids`, `status`).
 """
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastswitch.engine.policies import Policy
-from fastswitch.engine.request import Request, Status
+from fastswitch.interfaces import Clock, MonotonicClock
 from fastswitch.kv.manager import KVManager
+from fastswitch.messages import EngineCoreOutput, ModelOutput, NewRequest, ScheduledRequest, SchedulerOutput
+from fastswitch.request import Request, Status
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +42,11 @@ PREEMPTION_MODES = ("swap", "recompute", "auto")
 
 
 @dataclass
-class SchedulerOutput:
-    scheduled: list[tuple[Request, int]]  # (request, tokens to compute this iteration)
-    preempted: list[Request]
+class _Plan:
+    """The step being scheduled: (request, tokens to compute), and who was preempted for it."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
 
 
 @dataclass
@@ -61,22 +71,38 @@ class CostModel:
 
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption_mode: str = "recompute", policy: Policy | None = None, thrash_guard: int = 0):
+                 preemption_mode: str = "recompute", policy: Policy | None = None, thrash_guard: int = 0,
+                 eos_token_ids: tuple[int, ...] = (), max_model_len: int = 1 << 62, clock: Clock | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"invalid preemption_mode {preemption_mode!r}; choose from {', '.join(PREEMPTION_MODES)}")
         self.kv, self.preemption_mode, self.policy = kv, preemption_mode, policy or Policy()
         self.max_num_seqs, self.max_num_batched_tokens, self.thrash_guard = max_num_seqs, max_num_batched_tokens, thrash_guard
+        self.eos_token_ids, self.max_model_len = frozenset(eos_token_ids), max_model_len
+        self.clock = clock or MonotonicClock()
         self.costs = CostModel()
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.iteration = 0
         self._seq = 0
+        self._known_to_executor: set[str] = set()
+        self._finished_ids: list[str] = []  # finished since the last step: the executor may forget them
 
     def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         request.seq, self._seq = self._seq, self._seq + 1
         self.policy.on_arrival(request, self.unfinished())
+        self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.finish_reason = "abort"
+            self.finish(request)
+        return request is not None
 
     def unfinished(self) -> list[Request]:
         return [*self.running, *self.swapped, *self.waiting]
@@ -91,7 +117,7 @@ class Scheduler:
         self.policy.on_iteration(unfinished)
         ranked = sorted(unfinished, key=self.policy.key)
         rank = {id(r): i for i, r in enumerate(ranked)}
-        out, taken = SchedulerOutput([], []), set()
+        out, taken = _Plan(), set()
         self._budget = self.max_num_batched_tokens
         decodes = [r for r in ranked if r.status == Status.RUNNING and r.num_tokens - r.num_computed_tokens == 1]
         decode_ids = {id(r) for r in decodes}
@@ -124,22 +150,76 @@ class Scheduler:
                     blocked = True
                 elif admitted:  # 0 while its cached prefix is still being copied in from the host
                     self._run(request, admitted, out, taken)
-        return out
+        return self._output(out)
+
+    def _output(self, plan: _Plan) -> SchedulerOutput:
+        now, new = self.clock.now(), []
+        for request, _ in plan.scheduled:
+            request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
+            if request.request_id not in self._known_to_executor:
+                self._known_to_executor.add(request.request_id)
+                new.append(NewRequest(request.request_id, list(request.token_ids), request.num_prompt_tokens,
+                                      request.params))
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            self.iteration,
+            [ScheduledRequest(r.request_id, r.num_computed_tokens, n, r.block_ids) for r, n in plan.scheduled],
+            new, finished, self.kv.take_copies(), [r.request_id for r in plan.preempted])
+
+    def update_from_output(self, step: SchedulerOutput, model: ModelOutput) -> list[EngineCoreOutput]:
+        """After the forward: account the computed tokens, append the sampled ones, finish who is done."""
+        sampled = {rid: (token, logprobs) for rid, token, logprobs in zip(model.request_ids, model.token_ids,
+                                                                          model.logprobs)}
+        outputs, stats = [], self.kv.stats
+        for s in step.scheduled:
+            request = self.requests[s.request_id]
+            request.num_computed_tokens += s.num_new_tokens
+            stats.computed_tokens += s.num_new_tokens
+            self._charge(request, s.request_id in sampled)
+            self.kv.commit(request)
+            if s.request_id not in sampled:
+                continue
+            token, logprobs = sampled[s.request_id]
+            request.token_ids.append(token)
+            stats.generated_tokens += 1
+            reason, stop = self._stop_check(request)
+            if reason is not None:
+                request.finish_reason, request.stop_reason = reason, stop
+                self.finish(request)
+            outputs.append(EngineCoreOutput(s.request_id, [token], None if logprobs is None else [logprobs], reason,
+                                            stop, request.num_cached_tokens, request.metrics))
+        return outputs
+
+    def _stop_check(self, request: Request) -> tuple[str | None, int | None]:
+        """Stops decided by token ids; stop strings are the frontend's, which aborts the request."""
+        p, token = request.params, request.token_ids[-1]
+        if request.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return "stop", token
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+        if p.max_tokens is not None and request.num_output_tokens >= p.max_tokens:
+            return "length", None
+        if request.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
 
     def _admit(self, request: Request, rank, taken, out) -> int | None:
         """Start a waiting request, making room if it outranks running ones; its first chunk, or None."""
-        chunk: list[int | None] = [None]
+        admitted: list[tuple[int, int] | None] = [None]
 
         def fits() -> bool:
             if self._has_seat():
-                chunk[0] = self.kv.admit(request, self._budget)
-            return chunk[0] is not None
+                admitted[0] = self.kv.admit(request, self._budget)
+            return admitted[0] is not None
 
         if not self._make_room(request, fits, rank, taken, out):
             return None
         self.waiting.remove(request)
         self._start_running(request)
-        return chunk[0]
+        reused, chunk = admitted[0]
+        request.num_computed_tokens = reused
+        return chunk
 
     def preempt(self, request: Request, mode: str | None = None) -> None:
         """Pause a running request: by swap (recompute if the host is full), recompute, or the cheaper."""
@@ -149,7 +229,7 @@ class Scheduler:
             mode = "swap" if swap_s <= recompute_s else "recompute"
         self.running.remove(request)
         request.metrics.num_preemptions += 1
-        request.paused_at, request.preempted_iteration = time.monotonic(), self.iteration
+        request.paused_at, request.preempted_iteration = self.clock.now(), self.iteration
         if mode == "swap":
             if self.kv.swap_out(request):
                 request.status = Status.SWAPPED
@@ -164,17 +244,22 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 
-    def served(self, request: Request, n: int, sampled: bool) -> None:
-        """Account an iteration's work: n tokens computed, one generated if sampled. A prompt token counts
-        towards its user's share once: recomputing it after a preemption is not charged again, so every
-        turn a request gets (vtc) is new service, and requests that keep displacing each other progress."""
-        request.num_computed_tokens += n
+    def _charge(self, request: Request, sampled: bool) -> None:
+        """Charge an iteration's work to the request's user: its new prompt tokens, one generated if
+        sampled. A prompt token counts once: recomputing it after a preemption is not charged again, so
+        every turn a request gets (vtc) is new service, and requests that keep displacing each other
+        progress."""
         new_prompt = max(0, min(request.num_computed_tokens, request.num_prompt_tokens) - request.prompt_tokens_served)
         request.prompt_tokens_served += new_prompt
         self.policy.on_served(request, new_prompt, int(sampled))
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request and return its blocks."""
+        del self.requests[request.request_id]
+        if request.request_id in self._known_to_executor:
+            self._known_to_executor.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
+        request.metrics.finish_time = self.clock.now()
         if request.status == Status.RUNNING:
             self.running.remove(request)
         elif request.status == Status.SWAPPED:
@@ -187,7 +272,7 @@ class Scheduler:
     def _has_seat(self) -> bool:
         return len(self.running) < self.max_num_seqs
 
-    def _run(self, request: Request, n: int, out: SchedulerOutput, taken: set[int]) -> None:
+    def _run(self, request: Request, n: int, out: _Plan, taken: set[int]) -> None:
         out.scheduled.append((request, n))
         taken.add(id(request))
         self._budget -= n
@@ -196,21 +281,22 @@ class Scheduler:
         if request.status == Status.SWAPPED:
             self.swapped.remove(request)
         if request.paused_at is not None:  # coming back from a preemption
-            request.metrics.paused_s += time.monotonic() - request.paused_at
+            request.metrics.paused_s += self.clock.now() - request.paused_at
             request.paused_at, request.resumed_iteration = None, self.iteration
         request.status = Status.RUNNING
         self.running.append(request)
 
     def _make_room(self, request: Request, fits: Callable[[], bool], rank: dict[int, int], taken: set[int],
-                   out: SchedulerOutput, growing: bool = False) -> bool:
+                   out: _Plan, growing: bool = False) -> bool:
         """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left.
 
         A running request that must grow may preempt below it whatever the policy's margin says (memory
         has to come from someone, and waiting for it stalls everyone), and if it is the lowest-ranked
-        itself, it yields. This stays live because `served` charges recomputed work only once."""
+        itself, it yields. This stays live because `_charge` charges recomputed work only once."""
         while not fits():
             lower = [r for r in self.running if rank[id(r)] > rank[id(request)]]
-            victims = [r for r in lower if self._unguarded(r) and (growing or self.policy.preempts(request, r))]
+            victims = [r for r in lower if self._unguarded(r) and self.kv.ready(r)
+                       and (growing or self.policy.preempts(request, r))]
             if not victims:
                 if growing and not lower and self._unguarded(request):
                     self._take_back(request, taken, out)
@@ -226,7 +312,7 @@ class Scheduler:
     def _unguarded(self, request: Request) -> bool:
         return self.iteration - request.resumed_iteration > self.thrash_guard
 
-    def _take_back(self, request: Request, taken: set[int], out: SchedulerOutput) -> None:
+    def _take_back(self, request: Request, taken: set[int], out: _Plan) -> None:
         """Undo scheduling `request` earlier in this iteration (a decode served before its turn)."""
         if id(request) in taken:
             n = next(n for r, n in out.scheduled if r is request)

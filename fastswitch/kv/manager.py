@@ -1,8 +1,10 @@
 """Which blocks each request holds, on the device and on the host, and when they move.
 
 The scheduler decides *that* a request grows, pauses, resumes or starts; this decides *which*
-blocks, plans the copies and keeps the books. It knows nothing about torch: copies go through the
-SwapManager, which reports completion through handles.
+blocks, plans the copies and keeps the books. It knows nothing about torch: it plans copies
+(`take_copies` hands them to whoever makes them, before the step's forward) and asks the copy
+engine which are done. A copy the copy engine makes on the compute path, or one whose blocks are
+needed in the same step, is *fenced*: complete before anything after it, so it counts as done at once.
 
 Both tiers are BlockCaches: blocks are refcounted, and full blocks are named by their prefix hash.
 - A request's host copy is a prefix of its KV: `host_tokens` tokens in `host_block_ids`. It stays
@@ -16,29 +18,52 @@ Blocks a copy is still reading or writing are released only once that copy is do
 published only once the KV behind it is complete.
 """
 
-import time
+import itertools
 from collections.abc import Callable
 
-from fastswitch.engine.request import Request
-from fastswitch.engine.stats import EngineStats
+import numpy as np
+
+from fastswitch.interfaces import Clock, CopyEngine, MonotonicClock
 from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
 from fastswitch.kv.prefix import BlockCache, block_hashes
-from fastswitch.kv.swap import SwapHandle, SwapManager, plan_copies
+from fastswitch.messages import Copy, Run
+from fastswitch.request import Request
+from fastswitch.stats import EngineStats
 
 GROWTH_HORIZON = 256  # output tokens a request's block group is sized for, at most
 
 
+def plan_copies(src_blocks: list[int], dst_blocks: list[int]) -> list[Run]:
+    """The fewest contiguous runs that copy src_blocks[i] to dst_blocks[i] for every i."""
+    if len(src_blocks) != len(dst_blocks):
+        raise ValueError(f"{len(src_blocks)} source blocks for {len(dst_blocks)} destinations")
+    if not src_blocks:
+        return []
+    n = len(src_blocks)
+    if src_blocks == list(range(src_blocks[0], src_blocks[0] + n)) and dst_blocks == list(range(dst_blocks[0], dst_blocks[0] + n)):
+        return [(src_blocks[0], dst_blocks[0], n)]  # one group each side: the usual case
+    src, dst = np.asarray(src_blocks), np.asarray(dst_blocks)
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1  # where a run ends
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(src)])))
+    return list(zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist()))
+
+
+
+
 class KVManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int, stats: EngineStats,
-                 swapper: SwapManager | None = None, prefix_caching: bool = False, block_groups: bool = True,
-                 reuse: bool = True):
+                 swapper: CopyEngine | None = None, prefix_caching: bool = False, block_groups: bool = True,
+                 reuse: bool = True, clock: Clock | None = None):
         allocator = BlockAllocator if block_groups else FreeListAllocator
         self.device = BlockCache(allocator(num_blocks))
         self.host = BlockCache(allocator(num_host_blocks))
         self.block_size, self.stats, self.swapper = block_size, stats, swapper
         self.reuse = reuse and swapper is not None and swapper.mode == "fastswitch"
-        self.prefix_caching = prefix_caching
-        self._pending: list[tuple[SwapHandle, Callable[[], None]]] = []  # work to do once a copy is done
+        self.prefix_caching, self.clock = prefix_caching, clock or MonotonicClock()
+        self._pending: dict[int, list[Callable[[], None]]] = {}  # copies not known done -> work to do then
+        self._planned: list[Copy] = []  # not yet handed to the copy engine
+        self._copy_ids = itertools.count()
 
     @property
     def num_blocks(self) -> int:
@@ -49,36 +74,30 @@ class KVManager:
         return -(-(request.num_computed_tokens + n) // self.block_size) - len(request.block_ids)
 
     def can_grow(self, request: Request, n: int) -> bool:
-        """Whether the blocks are available, waiting for copies that are about to release some if needed."""
+        """Whether the blocks are available, settling copies that are about to release some if needed."""
         need = self.blocks_needed(request, n)
         while need > self.device.num_available and self._pending:
-            self.swapper.wait(self._pending[0][0])
-            self.poll()
+            self._settle(next(iter(self._pending)))
         return need <= self.device.num_available
 
     def grow(self, request: Request, n: int) -> None:
-        need = self.blocks_needed(request, n)
-        if need <= 0:  # most decode steps: the last block has room
-            return
-        request.block_ids += self.device.allocate(
-            need, owner=request.request_id,
-            after=request.block_ids[-1] if request.block_ids else None, expected=self._expected_blocks(request, n))
+        self._grow_to(request, request.num_computed_tokens + n)
 
     def ready(self, request: Request) -> bool:
         """False while the request's KV is still being copied in."""
-        return request.swap is None or request.swap.done()
+        return request.swap not in self._pending
 
     # -- starting a request: reuse its cached prefix --------------------------------------------
 
-    def admit(self, request: Request, budget: int) -> int | None:
+    def admit(self, request: Request, budget: int) -> tuple[int, int] | None:
         """Give a waiting request its cached prefix and the blocks for its first chunk.
 
-        Returns the tokens to compute this iteration (0 while a host prefix is being copied in), or
-        None, changing nothing, if the blocks are not there."""
+        Returns (tokens whose KV it reuses, tokens to compute this iteration: 0 while a host prefix is
+        being copied in), or None, changing nothing, if the blocks are not there."""
         on_device, on_host = self._lookup(request)
-        reused = len(on_device) + len(on_host)
-        n = min(request.num_tokens - reused * self.block_size, budget)
-        new_blocks = len(on_host) + -(-(reused * self.block_size + n) // self.block_size) - reused
+        reused = (len(on_device) + len(on_host)) * self.block_size
+        n = min(request.num_tokens - reused, budget)
+        new_blocks = -(-(reused + n) // self.block_size) - len(on_device)
         if new_blocks > self.device.num_available - sum(b in self.device.lru for b in on_device):
             return None
         self.device.take(on_device)
@@ -88,17 +107,16 @@ class KVManager:
                                           after=on_device[-1] if on_device else None)
             request.block_ids += copies
             self.host.take(on_host)  # pinned while they are read
-            request.swap = self.swapper.swap_in(plan_copies(on_host, copies))
+            request.swap = self._plan("in", plan_copies(on_host, copies))
             self._after(request.swap, lambda: self.host.drop(on_host))
-        request.num_computed_tokens = reused * self.block_size
         if not request.num_output_tokens:  # usage reports the prompt's first admission, not recomputations
-            request.num_cached_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+            request.num_cached_tokens = min(reused, request.num_prompt_tokens)
         self.stats.prefix_device_hit_blocks += len(on_device)
         self.stats.prefix_host_hit_blocks += len(on_host)
         if not self.ready(request):
-            return 0
-        self.grow(request, n)
-        return n
+            return reused, 0
+        self._grow_to(request, reused + n)
+        return reused, n
 
     def _lookup(self, request: Request) -> tuple[list[int], list[int]]:
         """The longest cached prefix: device blocks, then host blocks continuing it; one token is left
@@ -146,8 +164,8 @@ class KVManager:
         if missing > self.host.num_available:
             self.host.drop(list(known.values()))
             return False
-        if request.swap is not None:  # a swap-in still writing these device blocks must land first
-            self.swapper.wait(request.swap)
+        if not self.ready(request):  # a swap-in still writing these device blocks must land first
+            self._settle(request.swap)
         copy = []  # (block index, host block) to copy
         for j in range(valid, n_blocks):
             if j < len(request.host_block_ids):
@@ -161,9 +179,8 @@ class KVManager:
                 copy.append((j, block))
                 request.host_block_ids.append(block)
         self.stats.reuse_saved_blocks += n_blocks - len(copy)
-        start = time.monotonic()
-        handle = self.swapper.swap_out(plan_copies([request.block_ids[j] for j, _ in copy], [b for _, b in copy]))
-        self._time_swap(request, handle, start)
+        handle = self._plan("out", plan_copies([request.block_ids[j] for j, _ in copy], [b for _, b in copy]))
+        self._time_swap(request, handle)
         self._after(handle, lambda: [self.host.name(b, names[j]) for j, b in copy if j < len(names)])
         self._release_device(request, handle)
         request.host_tokens, request.swap = request.num_computed_tokens, handle
@@ -179,10 +196,9 @@ class KVManager:
             if n_blocks > self.device.num_available:
                 return False
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
-                                                 expected=self._expected_blocks(request, 0))
-        start = time.monotonic()
-        request.swap = self.swapper.swap_in(plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
-        self._time_swap(request, request.swap, start)
+                                                 expected=self._expected_blocks(request, request.num_computed_tokens))
+        request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
+        self._time_swap(request, request.swap)
         if not self.reuse:
             self._release_host(request, request.swap)
         return True
@@ -198,7 +214,7 @@ class KVManager:
         self._release_host(request, handle)
         request.swap, request.num_named_blocks = None, 0
 
-    def _write_back(self, request: Request) -> SwapHandle | None:
+    def _write_back(self, request: Request) -> int | None:
         """Copy the request's named device blocks that the host lacks to the host, as far as room allows."""
         names = self._names(request)[: min(request.num_named_blocks, len(request.block_ids))]
         wanted = [j for j, name in enumerate(names) if self.host.find(name) is None]
@@ -206,7 +222,7 @@ class KVManager:
         if not wanted:
             return None
         host_blocks = self.host.allocate(len(wanted))
-        handle = self.swapper.swap_out(plan_copies([request.block_ids[j] for j in wanted], host_blocks), writeback=True)
+        handle = self._plan("writeback", plan_copies([request.block_ids[j] for j in wanted], host_blocks))
 
         def landed():
             for j, block in zip(wanted, host_blocks):
@@ -216,57 +232,91 @@ class KVManager:
         self._after(handle, landed)
         return handle
 
-    def _release_device(self, request: Request, handle: SwapHandle | None) -> None:
+    def _release_device(self, request: Request, handle: int | None) -> None:
         self.device.allocator.drop_reserve(request.request_id)
         blocks, request.block_ids = request.block_ids, []
         self._after(handle, lambda: self.device.drop(blocks))
 
-    def _release_host(self, request: Request, handle: SwapHandle | None) -> None:
+    def _release_host(self, request: Request, handle: int | None) -> None:
         self.host.allocator.drop_reserve(request.request_id)
         blocks, request.host_block_ids, request.host_tokens = request.host_block_ids, [], 0
         self._after(handle, lambda: self.host.drop(blocks))
 
-    # -- copies in flight ----------------------------------------------------------------------
+    # -- copies -------------------------------------------------------------------------------
+
+    def take_copies(self) -> list[Copy]:
+        """The copies planned since the last call, in order, for the copy engine to start now."""
+        copies, self._planned = self._planned, []
+        return copies
 
     def poll(self) -> None:
         """Run the follow-up work of copies that have completed."""
-        done = [p for p in self._pending if p[0].done()]
-        self._pending = [p for p in self._pending if p not in done]
-        for _, fn in done:
-            fn()
+        planned = {c.copy_id for c in self._planned}
+        for copy_id in [i for i in self._pending if i not in planned and self.swapper.done(i)]:
+            for fn in self._pending.pop(copy_id):
+                fn()
 
     def wait_for_copies(self) -> None:
-        """Wait for the oldest copy in flight, if any (when nothing else can make progress)."""
+        """Settle the oldest copy in flight, if any (when nothing else can make progress)."""
         if self._pending:
-            self.swapper.wait(self._pending[0][0])
-            self.poll()
+            self._settle(next(iter(self._pending)))
 
     def drain(self) -> None:
-        """Wait for every copy in flight and finish their follow-up work."""
+        """Settle every copy in flight and finish their follow-up work."""
         while self._pending:
-            self._pending[0][0].wait()
-            self.poll()
+            self._settle(next(iter(self._pending)))
 
-    def _after(self, handle: SwapHandle | None, fn: Callable[[], None]) -> None:
-        if handle is None or handle.done():
-            fn()
+    def _plan(self, kind: str, runs: list[Run]) -> int | None:
+        """Plan a copy; its id while it is in flight, None if it counts as done at once (fenced)."""
+        if not runs:
+            return None
+        copy = Copy(next(self._copy_ids), kind, runs, self.swapper.synchronous(sum(n for _, _, n in runs)))
+        self._planned.append(copy)
+        if copy.fenced:
+            return None
+        self._pending[copy.copy_id] = []
+        return copy.copy_id
+
+    def _settle(self, copy_id: int) -> None:
+        """Make a copy done now: fence it if it is still only planned, else wait for it."""
+        planned = next((c for c in self._planned if c.copy_id == copy_id), None)
+        if planned is not None:
+            planned.fenced = True
         else:
-            self._pending.append((handle, fn))
+            self.swapper.wait(copy_id)
+        for fn in self._pending.pop(copy_id):
+            fn()
 
-    def _time_swap(self, request: Request, handle: SwapHandle, start: float) -> None:
+    def _after(self, copy_id: int | None, fn: Callable[[], None]) -> None:
+        if copy_id in self._pending:
+            self._pending[copy_id].append(fn)
+        else:
+            fn()
+
+    def _time_swap(self, request: Request, copy_id: int | None) -> None:
         """Add the copy's duration (as observed: until the iteration that finds it done) to the request's."""
+        start = self.clock.now()
 
         def done():
-            request.metrics.swap_s += time.monotonic() - start
+            request.metrics.swap_s += self.clock.now() - start
 
-        self._after(handle, done)
+        self._after(copy_id, done)
 
     def _names(self, request: Request) -> list[bytes]:
         if len(request.block_names) < request.num_tokens // self.block_size:
             request.block_names = block_hashes(request.token_ids, self.block_size, request.block_names)
         return request.block_names
 
-    def _expected_blocks(self, request: Request, n: int) -> int:
-        to_come = request.num_tokens - request.num_computed_tokens - n
+    def _grow_to(self, request: Request, tokens: int) -> None:
+        need = -(-tokens // self.block_size) - len(request.block_ids)
+        if need <= 0:  # most decode steps: the last block has room
+            return
+        request.block_ids += self.device.allocate(
+            need, owner=request.request_id,
+            after=request.block_ids[-1] if request.block_ids else None, expected=self._expected_blocks(request, tokens))
+
+    def _expected_blocks(self, request: Request, tokens: int) -> int:
+        """Blocks a request holding `tokens` tokens' KV is expected to grow by."""
+        to_come = request.num_tokens - tokens
         to_come += min(GROWTH_HORIZON, (request.params.max_tokens or GROWTH_HORIZON) - request.num_output_tokens)
         return -(-to_come // self.block_size)

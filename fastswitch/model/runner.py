@@ -1,16 +1,28 @@
-"""Runs one iteration's batch through the model: flat inputs and attention metadata in, tokens out.
+"""Runs one step through the model: a SchedulerOutput in, the sampled tokens out.
 
 It owns the model, the device KV pool and the sampler, and knows nothing about scheduling policy.
+It keeps each live request's tokens (the prompt it was sent, then every token it sampled), so a step
+only says who computes how many tokens with which blocks.
 """
+
+from dataclasses import dataclass
 
 import torch
 
-from fastswitch.engine.request import Request
 from fastswitch.kv.layout import KVPool
+from fastswitch.messages import ModelOutput, SchedulerOutput
 from fastswitch.model.attention import StepBatch, select_backend
 from fastswitch.model.config import ModelConfig
 from fastswitch.model.loader import load_model
-from fastswitch.model.sampler import Sample, SampleInput, Sampler
+from fastswitch.model.sampler import SampleInput, Sampler
+from fastswitch.sampling import SamplingParams
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
 
 
 class ModelRunner:
@@ -20,6 +32,7 @@ class ModelRunner:
         self.model = load_model(model_cfg, dtype, device, max_model_len)
         self.sampler = Sampler(device, seed)
         self.attention = select_backend(attention_backend, device)
+        self.requests: dict[str, _RequestState] = {}
 
     def allocate_kv(self, num_blocks: int) -> None:
         """Called once the weights are loaded, so a GPU budget can be measured from what is left."""
@@ -28,46 +41,53 @@ class ModelRunner:
         self.kv_layers = self.kv.layers()
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Request, int]], stop_ids: list[int]) -> list[Sample | None]:
-        """One forward over the batch; a Sample for each request whose chunk reaches its last token."""
-        input_ids, positions, meta, sample_index = self._prepare(batch)
+    def execute(self, step: SchedulerOutput) -> ModelOutput:
+        """One forward over the step's batch; a token for each request whose chunk reaches its last token."""
+        for request_id in step.finished_ids:
+            self.requests.pop(request_id, None)
+            self.sampler.forget(request_id)
+        for new in step.new_requests:
+            self.requests[new.request_id] = _RequestState(list(new.token_ids), new.num_prompt_tokens, new.params)
+        if not step.scheduled:
+            return ModelOutput([], [], [])
+        input_ids, positions, meta, sample_index, samplers = self._prepare(step)
         hidden = self.model(input_ids, positions, self.kv_layers, meta)
-        samplers = [i for i, (r, n) in enumerate(batch) if r.num_computed_tokens + n == r.num_tokens]
-        results: list[Sample | None] = [None] * len(batch)
         if not samplers:
-            return results
+            return ModelOutput([], [], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
-        rows = [self._sample_input(batch[i][0], stop_ids) for i in samplers]
-        for i, sample in zip(samplers, self.sampler(logits, rows)):
-            results[i] = sample
-        return results
+        samples = self.sampler(logits, [self._sample_input(rid) for rid in samplers])
+        for rid, sample in zip(samplers, samples):
+            self.requests[rid].token_ids.append(sample.token_id)
+        return ModelOutput(samplers, [s.token_id for s in samples], [s.logprobs for s in samples])
 
-    def _sample_input(self, request: Request, stop_ids: list[int]) -> SampleInput:
-        p = request.params
-        stops = [*([] if p.ignore_eos else stop_ids), *p.stop_token_ids]
+    def _sample_input(self, request_id: str) -> SampleInput:
+        state = self.requests[request_id]
+        p = state.params
+        stops = [*([] if p.ignore_eos else self.cfg.eos_token_ids), *p.stop_token_ids]
         needs_history = p.has_penalties
-        return SampleInput(request.request_id, p,
-                           request.token_ids[: request.num_prompt_tokens] if needs_history else [],
-                           request.output_token_ids if needs_history or p.min_tokens else [],
+        return SampleInput(request_id, p, state.token_ids[: state.num_prompt_tokens] if needs_history else [],
+                           state.token_ids[state.num_prompt_tokens :] if needs_history or p.min_tokens else [],
                            stops)
 
-    def _prepare(self, batch: list[tuple[Request, int]]):
+    def _prepare(self, step: SchedulerOutput):
         bs = self.block_size
-        ids, positions, slots, sample_index = [], [], [], []
+        ids, positions, slots, sample_index, samplers = [], [], [], [], []
         query_start_loc, seq_lens, block_tables = [0], [], []
-        for request, n in batch:
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            ids += request.token_ids[start:end]
+        for s in step.scheduled:
+            tokens = self.requests[s.request_id].token_ids
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            ids += tokens[start:end]
             positions += range(start, end)
-            blocks = request.block_ids
+            blocks = s.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             query_start_loc.append(len(ids))
             seq_lens.append(end)
             block_tables.append(blocks[: -(-end // bs)])
-            if end == request.num_tokens:
+            if end == len(tokens):
                 sample_index.append(len(ids) - 1)
+                samplers.append(s.request_id)
         meta = self.attention.prepare(StepBatch(query_start_loc, seq_lens, block_tables, slots, bs))
-        return self._tensor(ids), self._tensor(positions), meta, sample_index
+        return self._tensor(ids), self._tensor(positions), meta, sample_index, samplers
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -3,7 +3,9 @@ endpoints (/health, /version, /metrics).
 
 Every client error is answered with OpenAI's error body and never disturbs other requests: bad
 input 400, missing or wrong API key 401, oversized body 413, full queue 429. A client that goes
-away mid-request has its request aborted, which frees its KV at once.
+away mid-request has its request aborted, which frees its KV at once. The engine core runs in its
+own process (`core_client.py`); if it dies, streams in flight end with an error event, and until
+the server exits every request and /health get 503.
 """
 
 import asyncio
@@ -21,11 +23,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import fastswitch
-from fastswitch.engine.request import RequestOutput
-from fastswitch.server.async_engine import AsyncEngine
+from fastswitch.engine.outputs import RequestOutput
+from fastswitch.server.core_client import EngineCoreClient, EngineDeadError
 from fastswitch.server.metrics import Metrics
-from fastswitch.server.protocol import (APIError, ChatRequest, CompletionRequest, SamplingRequest, chat_choice,
-                                        completion_choice, envelope, usage)
+from fastswitch.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    chat_choice,
+    completion_choice,
+    envelope,
+    usage,
+)
 
 log = logging.getLogger("fastswitch.server")
 USER_HEADER = "x-fastswitch-user"  # the fairness key for gateways that cannot set the body's `user`
@@ -39,9 +49,16 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20  # request bodies larger than this get 413
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="FastSwitch", version=fastswitch.__version__)
-    metrics = Metrics(engine.engine)
+def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lambda: None) -> FastAPI:
+    """`on_core_death` runs on the event loop if the engine core's process dies."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        engine.start(asyncio.get_running_loop(), on_core_death)
+        yield
+
+    app = FastAPI(title="FastSwitch", version=fastswitch.__version__, lifespan=lifespan)
+    metrics = Metrics(lambda: engine.snapshot)
     app.state.engine, app.state.metrics = engine, metrics
 
     @app.middleware("http")
@@ -61,6 +78,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def api_error(_, error: APIError):
         return _error(error)
 
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_, error: EngineDeadError):
+        return _error(APIError(503, str(error), code="engine_dead", type="server_error"))
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
@@ -71,7 +92,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200)
+        return Response(status_code=503 if engine.dead else 200)
 
     @app.get("/version")
     async def version():
@@ -84,7 +105,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "fastswitch", "max_model_len": engine.engine.max_model_len}]}
+                                            "owned_by": "fastswitch", "max_model_len": engine.limits.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -106,7 +127,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         user = body.user or request.headers.get(USER_HEADER)
         streams = [engine.generate(p, params, f"{request_id}-{i}", body.priority, user) for i, p in enumerate(prompts)]
         firsts = await _start(streams)  # refused requests raise here, before anything is sent
-        tokenizer = engine.engine.tokenizer
+        tokenizer = engine.tokenizer
         if body.stream:
             chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
             return StreamingResponse(_sse(streams, firsts, request_id, chunk_kind, make_choice, body, tokenizer),

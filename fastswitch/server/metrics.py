@@ -1,11 +1,14 @@
-"""Prometheus metrics, `fastswitch:` names. Engine counters are read at scrape time; latency
-histograms are observed as requests finish."""
+"""Prometheus metrics, `fastswitch:` names. Engine counters and gauges come from the latest snapshot
+the engine core published; latency histograms are observed here as requests finish."""
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fastswitch.engine.engine import Engine
-from fastswitch.engine.request import RequestOutput
+from fastswitch.engine.outputs import RequestOutput
+from fastswitch.messages import Snapshot
+from fastswitch.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COUNTERS = {  # EngineStats field -> (metric name, help)
@@ -26,45 +29,39 @@ COUNTERS = {  # EngineStats field -> (metric name, help)
 
 
 class EngineCollector:
-    """Reads the engine's state when Prometheus scrapes (plain reads from another thread: a scrape may
-    see an iteration half-counted, never a torn number)."""
-
-    def __init__(self, engine: Engine, prompt_tokens: dict[str, int]):
-        self.engine, self.prompt_tokens = engine, prompt_tokens
+    def __init__(self, snapshot: Callable[[], Snapshot | None], prompt_tokens: dict[str, int]):
+        self.snapshot, self.prompt_tokens = snapshot, prompt_tokens
 
     def collect(self):
-        engine, scheduler, stats = self.engine, self.engine.scheduler, self.engine.stats
-        for name, value, help in (("num_requests_running", len(scheduler.running), "Requests holding device KV"),
-                                  ("num_requests_waiting", len(scheduler.waiting), "Requests not started, or to recompute"),
-                                  ("num_requests_paused", len(scheduler.swapped), "Requests paused on the host")):
+        snap = self.snapshot() or Snapshot(EngineStats(), 0, 0, 0, 0.0, 0.0, None)
+        for name, value, help in (("num_requests_running", snap.running, "Requests holding device KV"),
+                                  ("num_requests_waiting", snap.waiting, "Requests not started, or to recompute"),
+                                  ("num_requests_paused", snap.paused, "Requests paused on the host")):
             yield GaugeMetricFamily(f"fastswitch:{name}", help, value=value)
-        kv = engine.kv
-        yield GaugeMetricFamily("fastswitch:kv_cache_usage_perc", "Device KV blocks in use (0-1)",
-                                value=1 - kv.device.num_available / max(kv.num_blocks, 1))
+        yield GaugeMetricFamily("fastswitch:kv_cache_usage_perc", "Device KV blocks in use (0-1)", value=snap.kv_usage)
         yield GaugeMetricFamily("fastswitch:host_kv_cache_usage_perc", "Host KV blocks in use (0-1)",
-                                value=1 - kv.host.num_available / max(kv.host.allocator.num_blocks, 1))
+                                value=snap.host_kv_usage)
         for field, (name, help) in COUNTERS.items():
-            yield CounterMetricFamily(f"fastswitch:{name}", help, value=getattr(stats, field))
+            yield CounterMetricFamily(f"fastswitch:{name}", help, value=getattr(snap.stats, field))
         yield CounterMetricFamily("fastswitch:prompt_tokens", "Prompt tokens of finished requests",
                                   value=self.prompt_tokens["total"])
         preemptions = CounterMetricFamily("fastswitch:preemptions", "Requests preempted, by how", labels=["mode"])
-        preemptions.add_metric(["swap"], stats.swap_preemptions)
-        preemptions.add_metric(["recompute"], stats.recompute_preemptions)
+        preemptions.add_metric(["swap"], snap.stats.swap_preemptions)
+        preemptions.add_metric(["recompute"], snap.stats.recompute_preemptions)
         yield preemptions
-        counters = getattr(scheduler.policy, "counters", None)
-        if counters is not None:
+        if snap.user_service is not None:
             service = GaugeMetricFamily("fastswitch:vtc_user_service", "Per-user virtual token counter (vtc)",
                                         labels=["user"])
-            for user, value in list(counters.items()):
+            for user, value in snap.user_service.items():
                 service.add_metric([user or "-"], value)
             yield service
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, snapshot: Callable[[], Snapshot | None]):
         self.registry = CollectorRegistry()
         self.prompt_tokens = {"total": 0}
-        self.registry.register(EngineCollector(engine, self.prompt_tokens))
+        self.registry.register(EngineCollector(snapshot, self.prompt_tokens))
         self.ttft = Histogram("fastswitch:time_to_first_token_seconds", "Time to first token", ["priority"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tbt = Histogram("fastswitch:time_between_tokens_seconds", "Time between tokens", ["priority"],

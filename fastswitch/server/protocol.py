@@ -4,7 +4,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from fastswitch.engine.request import RequestOutput
+from fastswitch.engine.outputs import RequestOutput
 from fastswitch.sampling import SamplingParams
 
 

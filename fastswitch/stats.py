@@ -1,4 +1,4 @@
-"""Engine-wide counters, cumulative since start: what benchmarks and metrics read."""
+"""Engine-wide counters, cumulative since start: what benchmarks and metrics read (torch-free, below every package)."""
 
 from dataclasses import dataclass
 

@@ -1,0 +1,17 @@
+"""A model-free executor for scheduler tests: the engine core's step with token 1 for a model."""
+
+from fastswitch.engine.scheduler import Scheduler
+from fastswitch.messages import EngineCoreOutput, ModelOutput, SchedulerOutput
+
+
+def execute(scheduler: Scheduler, out: SchedulerOutput) -> list[EngineCoreOutput]:
+    """Start the step's copies, sample token 1 wherever a chunk reaches its request's end, and hand the
+    tokens back to the scheduler's update, which does the rest."""
+    if scheduler.kv.swapper is not None:
+        scheduler.kv.swapper.start(out.copies)
+    samplers = [s.request_id for s in out.scheduled
+                if s.num_computed_tokens + s.num_new_tokens == scheduler.requests[s.request_id].num_tokens]
+    outputs = scheduler.update_from_output(out, ModelOutput(samplers, [1] * len(samplers), [None] * len(samplers)))
+    if scheduler.kv.swapper is not None:
+        scheduler.kv.swapper.start(scheduler.kv.take_copies())
+    return outputs
