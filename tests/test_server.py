@@ -4,53 +4,21 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import openai
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from fastswitch import LLM, SamplingParams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir: str, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastswitch", "serve", "--model", model_dir, "--port", str(self.port),
-             "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "512", "--served-model-name", "tiny", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start: {self.proc.stdout.read()}")
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics").text
-        return {s.name + ("" if not s.labels else str(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+from fastswitch.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from tests.serving import Server, gone
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +217,7 @@ def test_cli_rejects_bad_server_options(llama_dir):
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(llama_dir):
     s = Server(llama_dir, "--shutdown-timeout", "20")
+    core = s.core_pid()
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 40, "stream": True, "ignore_eos": True,
             "return_token_ids": True}
     with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as response:
@@ -260,5 +229,110 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(llama_dir):
     chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
     assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 40  # ... every one of its tokens
     assert s.proc.wait(timeout=60) == 0
+    assert gone(core), "the engine core outlived the server"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{s.url}/health", timeout=2)  # and nothing new is accepted
+
+
+def test_stop_strings_that_span_token_boundaries(client, llama_dir):
+    """The stop string is found by the API server, across the text of two tokens, and ends the request."""
+    full = offline(llama_dir, "Return the number of items", max_tokens=24)
+    tokenizer = Tokenizer(llama_dir)
+    detokenizer = IncrementalDetokenizer(tokenizer, full.prompt_token_ids, True)
+    pieces = [detokenizer.step(t) for t in full.token_ids]
+    at = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1]
+              and full.text.find(pieces[i][-1] + pieces[i + 1][0]) == len("".join(pieces[: i + 1])) - 1)
+    stop = pieces[at][-1] + pieces[at + 1][0]
+    expected = full.text[: full.text.find(stop)]
+    kwargs = dict(model="tiny", prompt="Return the number of items", temperature=0.0, max_tokens=24, stop=[stop],
+                  extra_body={"ignore_eos": True})
+    out = client.completions.create(**kwargs).choices[0]
+    assert out.text == expected and out.finish_reason == "stop" and out.model_extra["stop_reason"] == stop
+    streamed = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_kill_9_of_the_engine_core_mid_stream(llama_dir):
+    """Streams in flight end with an error event at once; 503s meanwhile; then the server exits non-zero."""
+    s = Server(llama_dir)
+    core = s.core_pid()
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 100000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(core, signal.SIGKILL)
+        killed = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+    assert time.monotonic() - killed < 2
+    assert "error" in json.loads(rest[-1][6:])
+    refused = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
+    assert httpx.get(f"{s.url}/health").status_code == 503
+    assert s.proc.wait(timeout=15) != 0
+    assert gone(core)
+
+
+def test_the_engine_core_exits_when_the_api_server_is_killed(llama_dir):
+    s = Server(llama_dir)
+    core = s.core_pid()
+    s.proc.kill()
+    s.proc.wait(timeout=10)
+    assert gone(core), "an orphaned engine core"
+
+
+def test_an_engine_core_that_cannot_start_is_a_one_line_error(llama_dir):
+    result = subprocess.run([sys.executable, "-m", "fastswitch", "serve", "--model", llama_dir, "--device", "cpu",
+                             "--max-model-len", "1000000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("fastswitch: error: max_model_len=1000000 exceeds")
+
+
+class ServingMeanwhile:
+    """Plain requests sent one after another in a thread, while something else goes on."""
+
+    def __init__(self, url: str):
+        self.url, self.served, self.failures = url, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            r = httpx.post(f"{self.url}/v1/completions", json={"prompt": "still here", "max_tokens": 4,
+                                                               "ignore_eos": True}, timeout=60)
+            if r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4:
+                self.served += 1
+            else:
+                self.failures.append(r.text[:200])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(llama_dir):
+    """A server with a short context limit, so no generated request runs for long; others are served
+    throughout the fuzzing, and none of them fails."""
+    s = Server(llama_dir, "--max-model-len", "64")
+    meanwhile = ServingMeanwhile(s.url)
+    yield s
+    meanwhile.stop()
+    assert meanwhile.served > 0 and not meanwhile.failures, meanwhile.failures[:3]
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(fuzzed_server):
+    return schemathesis.openapi.from_url(f"{fuzzed_server.url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("openapi_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_requests_generated_from_the_openapi_schema_never_get_a_5xx(case):
+    response = case.call(timeout=60)
+    assert response.status_code < 500, (case.method, case.path, case.body, response.status_code, response.text[:300])

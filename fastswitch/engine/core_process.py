@@ -20,6 +20,7 @@ import zmq
 from fastswitch.config import EngineConfig
 from fastswitch.engine.core import EngineCore
 from fastswitch.messages import Abort, AddRequest, CoreOutputs, Failed, Ready, Shutdown, ToCore
+from fastswitch.model.config import ModelError
 
 log = logging.getLogger("fastswitch.core")
 SNAPSHOT_INTERVAL_S = 0.25  # while busy, /metrics is at most this stale; a step that changes who runs publishes at once
@@ -36,23 +37,27 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     context = zmq.Context()
     inputs, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    inputs.rcvhwm = outputs.sndhwm = 0  # no message limit: a slow reader never stalls the steps
     inputs.connect(input_address)
     outputs.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
     try:
-        core = EngineCore.from_config(config)
-    except Exception as error:  # bad options or model files: the server reports it and exits
-        log.exception("the engine core could not start")
-        outputs.send(encoder.encode(Failed(str(error) or type(error).__name__)))
-        outputs.close(linger=5000)
-        return
-    outputs.send(encoder.encode(Ready(core.limits, core.description)))
-    try:
-        CoreLoop(core, inputs, outputs, parent_pid).run()
+        try:
+            core = EngineCore.from_config(config)
+        except Exception as error:  # bad options or model files: the server reports it and exits
+            if not isinstance(error, (ValueError, ModelError, MemoryError)):
+                log.exception("the engine core could not start")
+            outputs.send(encoder.encode(Failed(str(error) or type(error).__name__)))
+            return
+        outputs.send(encoder.encode(Ready(core.limits, core.description)))
+        try:
+            CoreLoop(core, inputs, outputs, parent_pid).run()
+        finally:
+            core.close()
     finally:
-        core.close()
         inputs.close(linger=0)
-        outputs.close(linger=5000)
+        outputs.close(linger=5000)  # what is sent gets delivered, if the server is still there
+        context.term()
 
 
 class CoreLoop:
@@ -115,7 +120,7 @@ class CoreLoop:
     def _send(self, message) -> None:
         if isinstance(message, CoreOutputs) and message.snapshot is not None:
             self.last_snapshot = message.timestamp
-        self.outputs.send(self.encoder.encode(message), copy=False)
+        self.outputs.send(self.encoder.encode(message))
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -10,17 +10,18 @@ the server exits every request and /health get 503.
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers as StarletteHeaders
 
 import fastswitch
 from fastswitch.engine.outputs import RequestOutput
@@ -49,6 +50,29 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20  # request bodies larger than this get 413
 
 
+class LimitsAndAuth:
+    """API key and body size checks on /v1, as plain ASGI: streamed responses pass through untouched."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            error = self._refusal(StarletteHeaders(scope=scope))
+            if error is not None:
+                return await _error(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers) -> APIError | None:
+        key, limit = self.config.api_key, self.config.max_request_bytes
+        if key and not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {key}"):
+            return APIError(401, "missing or wrong API key", code="invalid_api_key", type="authentication_error")
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        return None
+
+
 def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lambda: None) -> FastAPI:
     """`on_core_death` runs on the event loop if the engine core's process dies."""
 
@@ -58,21 +82,10 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
         yield
 
     app = FastAPI(title="FastSwitch", version=fastswitch.__version__, lifespan=lifespan)
+    app.add_middleware(LimitsAndAuth, config=config)
     metrics = Metrics(lambda: engine.snapshot)
     app.state.engine, app.state.metrics = engine, metrics
 
-    @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
-        if request.url.path.startswith("/v1"):
-            if config.api_key and not secrets.compare_digest(request.headers.get("authorization", ""),
-                                                             f"Bearer {config.api_key}"):
-                return _error(APIError(401, "missing or wrong API key", code="invalid_api_key",
-                                       type="authentication_error"))
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > config.max_request_bytes:
-                return _error(APIError(413, f"request body over {config.max_request_bytes} bytes",
-                                       code="request_too_large"))
-        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
@@ -168,7 +181,7 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
             if body.stream_options and body.stream_options.include_usage:
                 yield _sse_line({**envelope(kind, request_id, config.model_name, [], created),
                                  "usage": usage(list(finals.values()))})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         finally:  # a client that went away cancels us here: abort whatever is still running
             for task in tasks:
                 task.cancel()
@@ -241,8 +254,8 @@ def _log_finished(request_id: str, outputs: list[RequestOutput], body: SamplingR
              sum(o.num_cached_tokens for o in outputs), sum(o.metrics.num_preemptions for o in outputs))
 
 
-def _sse_line(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+def _sse_line(payload: dict) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 def _error(error: APIError) -> JSONResponse:

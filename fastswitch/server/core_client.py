@@ -9,6 +9,7 @@ the core. If the core's process dies, every stream in flight ends with `EngineDe
 """
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ class EngineCoreClient:
         addresses = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
         self._context = zmq.Context()
         self._input, self._output = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
+        self._input.sndhwm = self._output.rcvhwm = 0  # no message limit: a burst of requests never blocks
         self._input.bind(addresses[0])
         self._output.bind(addresses[1])
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
@@ -84,10 +86,16 @@ class EngineCoreClient:
         self.outputs.add(add, text)
         self._streams[request_id] = stream
         self._send(add)
-        finished = False
+        finished, held = False, None
         try:
             while not finished:
-                out = await stream.get()
+                out, held = held or await stream.get(), None
+                while isinstance(out, RequestOutput) and not out.finished and not stream.empty():
+                    later = stream.get_nowait()  # a consumer that fell behind catches up in one output
+                    if isinstance(later, Exception):
+                        held = later
+                        break
+                    out = _merged(out, later)
                 if isinstance(out, Exception):
                     raise out
                 finished = out.finished
@@ -135,7 +143,10 @@ class EngineCoreClient:
 
     def _send(self, message) -> None:
         if not self.dead and not self._context.closed:
-            self._input.send(self._encoder.encode(message), copy=False)
+            try:
+                self._input.send(self._encoder.encode(message), zmq.NOBLOCK)
+            except zmq.Again:  # the core is gone: the reader thread is about to say so
+                pass
 
     def _read(self) -> None:
         """Reader thread: every message from the core goes to the event loop, in order; then the core's end."""
@@ -182,3 +193,8 @@ class EngineCoreClient:
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError(f"the engine core died (exit code {exitcode})"))
         self._on_death()
+
+
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    return dataclasses.replace(later, new_text=earlier.new_text + later.new_text,
+                               new_token_ids=earlier.new_token_ids + later.new_token_ids)
