@@ -24,16 +24,8 @@ import httpx
 
 from fastswitch.bench.machine import describe
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
-
-
-def engine_core_pid(server_pid: int) -> int:
-    """The server's multiprocessing child (not its resource tracker)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    return next(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import cpu_seconds, engine_core_pid  # noqa: E402
 
 
 def bench(*argv: str) -> None:

@@ -37,7 +37,7 @@ def model_path(size: str) -> Path:
 def run_fastswitch(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    stats = llm.engine.core.stats
+    stats = llm.engine.stats
     before = (stats.iterations, stats.step_time_s, stats.model_time_s)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -46,7 +46,7 @@ def measure(policy: str, requests: int, steps: int, tight: bool) -> dict:
         return out
 
     scheduler.schedule = timed
-    stats = engine.core.stats
+    stats = engine.stats
     before = (stats.iterations, stats.step_time_s, stats.model_time_s, stats.preemptions)
     for _ in range(steps):
         engine.step()

@@ -1,10 +1,13 @@
 """Load: many concurrent streaming clients against `fastswitch serve`, then check that nothing is left.
 
-Starts the server (tiny demo model) on a free loopback port, warms it up, records its resident
-memory, then runs N streaming chat clients at once (the official `openai` async client). Afterwards:
-every client got the tokens it asked for, the KV pool is fully free, nothing is running, and the
-server's memory is compared with where it started, and after a second identical load (growth that
-stops is allocator and cache warm-up; growth that continues would be a leak).
+Starts the server (tiny demo model) on a free loopback port, warms it up, records the resident
+memory of both its processes (API server, engine core), then runs N streaming chat clients at once
+(the official `openai` async client). Afterwards: every client got the tokens it asked for, the KV
+pool is fully free, nothing is running, and each process's memory is compared with where it
+started, and after a second identical load (growth that stops is allocator and cache warm-up;
+growth that continues would be a leak). The engine core is also measured outside its KV pools:
+those are allocated whole at start-up and become resident as blocks are first written, so a burst
+that uses blocks never used before grows them, up to their size, without leaking anything.
 
     python benchmarks/server_load.py [--clients 500] [--max-tokens 16]
 """
@@ -22,12 +25,10 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastswitch.bench.machine import describe
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import engine_core_pid, rss_mb, rss_outside_kv_mb  # noqa: E402
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -78,18 +79,19 @@ def main() -> None:
                 time.sleep(0.2)
         print("server up; warming up", flush=True)
         asyncio.run(load(url, 8, args.max_tokens))
-        rss_before = rss_mb(server.pid)
+        core = engine_core_pid(server.pid)
+        rss_before = rss_mb(server.pid), rss_mb(core), rss_outside_kv_mb(core)
         print(f"running {args.clients} concurrent streaming clients ...", flush=True)
         start = time.perf_counter()
         results = asyncio.run(load(url, args.clients, args.max_tokens))
         elapsed = time.perf_counter() - start
         time.sleep(1)
         after = metrics(url)
-        rss_after = rss_mb(server.pid)
+        rss_after = rss_mb(server.pid), rss_mb(core), rss_outside_kv_mb(core)
         print("a second, identical load: does memory keep growing?", flush=True)
         again = asyncio.run(load(url, args.clients, args.max_tokens))
         time.sleep(1)
-        rss_again = rss_mb(server.pid)
+        rss_again = rss_mb(server.pid), rss_mb(core), rss_outside_kv_mb(core)
     finally:
         server.terminate()
         code = server.wait(timeout=60)
@@ -97,6 +99,8 @@ def main() -> None:
     ttfts = sorted(t for _, t in results)
     lines = [
         f"# Server load, {args.clients} concurrent streaming clients, cpu, {date.today()}",
+        "",
+        f"Machine: {describe()}",
         "",
         f"Command: `python benchmarks/server_load.py --clients {args.clients} --max-tokens {args.max_tokens}"
         + (f" --server-args '{args.server_args}'`" if args.server_args else "`"),
@@ -109,8 +113,11 @@ def main() -> None:
         f"- TTFT p50 / p99: {ttfts[len(ttfts) // 2]:.2f} s / {ttfts[int(0.99 * (len(ttfts) - 1))]:.2f} s",
         f"- afterwards: requests running {after['fastswitch:num_requests_running']:.0f}, waiting "
         f"{after['fastswitch:num_requests_waiting']:.0f}, device KV in use {after['fastswitch:kv_cache_usage_perc']:.1%}",
-        f"- server resident memory: {rss_before:.0f} MB before the load, {rss_after:.0f} MB after it, "
-        f"{rss_again:.0f} MB after a second identical load ({sum(ok for ok, _ in again)} / {args.clients} complete)",
+        *(f"- {name} resident memory: {before:.0f} MB before the load, {after_:.0f} MB after it "
+          f"({after_ / before - 1:+.1%}), {again_:.0f} MB after a second identical load"
+          for name, before, after_, again_ in zip(("API server", "engine core", "engine core outside the KV pools"),
+                                                  rss_before, rss_after, rss_again)),
+        f"- the second load: {sum(ok for ok, _ in again)} / {args.clients} complete",
         f"- exit code after SIGTERM: {code}",
     ]
     out = Path(args.out)

@@ -229,9 +229,9 @@ def _bench_run(args) -> int:
           f"{args.mode}", flush=True)
     if args.mode == "offline":
         engine = Engine(config)
-        before = runner.engine_counters(engine.core.stats)
+        before = runner.engine_counters(engine.stats)
         records, duration = runner.run_offline(engine, conversations)
-        counters = {k: v - before[k] for k, v in runner.engine_counters(engine.core.stats).items()}
+        counters = {k: v - before[k] for k, v in runner.engine_counters(engine.stats).items()}
     else:
         with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
             before = runner.server_counters(url)

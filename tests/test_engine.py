@@ -130,7 +130,7 @@ def test_kv_statistics(llama_dir, prompts):
     for p in prompts[:4]:
         engine.add_request(p, SamplingParams(**GREEDY, max_tokens=4))
     engine.step()
-    stats = engine.core.kv_stats()
+    stats = engine.kv_stats()
     assert stats["groups_per_request"] == 1.0  # a fresh, roomy pool: every request in one contiguous group
     assert 0 < stats["device_free_blocks"] < stats["device_blocks"]
     assert stats["device_largest_free_group"] & (stats["device_largest_free_group"] - 1) == 0  # a power of two

@@ -104,14 +104,14 @@ def test_set_priority_reorders_the_queue(llama_dir, prompts):
     engine = llm.engine
     first = engine.add_request(prompts[0], SamplingParams(max_tokens=2, ignore_eos=True), priority=5)
     second = engine.add_request(prompts[1], SamplingParams(max_tokens=2, ignore_eos=True), priority=5)
-    assert engine.core.set_priority(second, 0)
+    assert engine.set_priority(second, 0)
     finished = []
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == [second, first]
     with pytest.raises(ValueError, match="priority"):
-        engine.core.set_priority(first, "high")
-    assert not engine.core.set_priority("gone", 1)
+        engine.set_priority(first, "high")
+    assert not engine.set_priority("gone", 1)
 
 
 def test_generate_takes_priorities(llama_dir, prompts):
@@ -222,10 +222,10 @@ def test_every_policy_and_preemption_mode_keeps_the_tokens(policy, mode, llama_d
     done = {}
     while engine.has_unfinished_requests():
         if engine.core.scheduler.iteration % 5 == 0 and ids[-1] in engine.core.scheduler.requests:
-            engine.core.set_priority(ids[-1], rng.randrange(4))
+            engine.set_priority(ids[-1], rng.randrange(4))
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert [done[i].token_ids for i in ids] == undisturbed
-    assert engine.core.stats.preemptions > 0 or sum(o.metrics.num_preemptions for o in done.values()) > 0
+    assert engine.stats.preemptions > 0 or sum(o.metrics.num_preemptions for o in done.values()) > 0
     engine.core.kv.drain()
     assert engine.core.kv.device.num_available == engine.core.kv.num_blocks and not engine.core.kv.device.refs
     assert not engine.core.kv.host.refs
@@ -238,7 +238,7 @@ def test_per_request_accounting(llama_dir, prompts):
     rid = engine.add_request(prompts[6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.core.preempt(rid)
+    assert engine.preempt(rid)
     outputs = []
     while engine.has_unfinished_requests():
         outputs += [o for o in engine.step() if o.finished]

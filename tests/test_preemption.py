@@ -19,7 +19,7 @@ def run_with_random_preemptions(llm: LLM, prompts, seed: int, mode: str = "swap"
     while engine.has_unfinished_requests():
         running = [r.request_id for r in engine.core.scheduler.running]
         if running and rng.random() < 0.4:
-            engine.core.preempt(rng.choice(running), mode)
+            engine.preempt(rng.choice(running), mode)
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.token_ids
@@ -40,7 +40,7 @@ def undisturbed(model_dirs, prompts):
 def test_swapped_out_and_back_in_at_random_steps(model, swap_mode, model_dirs, prompts, undisturbed):
     llm = LLM(model_dirs[model], dtype="float32", device="cpu", num_kv_blocks=128, swap_mode=swap_mode)
     assert run_with_random_preemptions(llm, prompts, seed=1) == undisturbed[model]
-    stats = llm.engine.core.stats
+    stats = llm.engine.stats
     assert stats.preemptions >= 5 and stats.swap_out_blocks > 0 and stats.swap_in_blocks > 0
     assert stats.recompute_fallbacks == 0
     if swap_mode == "fastswitch":
@@ -54,7 +54,7 @@ def test_swapped_out_and_back_in_at_random_steps(model, swap_mode, model_dirs, p
 def test_each_ablation_keeps_the_tokens(off, model_dirs, prompts, undisturbed):
     llm = LLM(model_dirs["llama"], dtype="float32", device="cpu", num_kv_blocks=128, **{off: False})
     assert run_with_random_preemptions(llm, prompts, seed=4) == undisturbed["llama"]
-    stats = llm.engine.core.stats
+    stats = llm.engine.stats
     assert stats.swap_out_blocks > 0 and (stats.reuse_saved_blocks == 0) == (off == "kv_reuse")
 
 
@@ -63,13 +63,13 @@ def test_a_full_host_tier_falls_back_to_recomputation(swap_mode, model_dirs, pro
     llm = LLM(model_dirs["llama"], dtype="float32", device="cpu", num_kv_blocks=128, swap_mode=swap_mode,
               swap_space=TINY_HOST_GIB)
     assert run_with_random_preemptions(llm, prompts, seed=2) == undisturbed["llama"]
-    assert llm.engine.core.stats.recompute_fallbacks > 0 and llm.engine.core.stats.swap_out_blocks > 0
+    assert llm.engine.stats.recompute_fallbacks > 0 and llm.engine.stats.swap_out_blocks > 0
 
 
 def test_preemption_by_recomputation(model_dirs, prompts, undisturbed):
     llm = LLM(model_dirs["llama"], dtype="float32", device="cpu", num_kv_blocks=128)
     assert run_with_random_preemptions(llm, prompts, seed=3, mode="recompute") == undisturbed["llama"]
-    assert llm.engine.core.stats.swap_out_blocks == 0 and llm.engine.core.stats.preemptions >= 5
+    assert llm.engine.stats.swap_out_blocks == 0 and llm.engine.stats.preemptions >= 5
 
 
 def test_aborting_a_request_mid_swap_releases_everything(model_dirs, prompts):
@@ -78,7 +78,7 @@ def test_aborting_a_request_mid_swap_releases_everything(model_dirs, prompts):
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     engine.step()
     for request_id in ids[::2]:
-        assert engine.core.preempt(request_id)  # swap-outs now in flight
+        assert engine.preempt(request_id)  # swap-outs now in flight
         engine.abort(request_id)
     engine.step()  # resumes nobody it should not
     for request_id in ids[1::2]:

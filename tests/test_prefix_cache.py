@@ -28,9 +28,9 @@ def turns(rng: random.Random, first_len: int) -> tuple[list[int], list[int]]:
 
 def second_turn(llm: LLM, history: list[int], question: list[int]):
     engine = llm.engine
-    before = engine.core.stats.computed_tokens
+    before = engine.stats.computed_tokens
     out = llm.generate([history + question], GREEDY, use_tqdm=False)[0]
-    return out, engine.core.stats.computed_tokens - before
+    return out, engine.stats.computed_tokens - before
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_second_turn_reuses_the_history_from_the_device_cache(llama_dir, convers
     answer, computed = second_turn(llm, history, question)
     assert answer.token_ids == expected_answer
     assert answer.num_cached_tokens == 10 * BLOCK
-    assert llm.engine.core.stats.prefix_device_hit_blocks == 10
+    assert llm.engine.stats.prefix_device_hit_blocks == 10
     prompt_len = len(history) + len(question)
     assert computed == (prompt_len - 10 * BLOCK) + (GREEDY.max_tokens - 1)  # only the new tokens are prefilled
 
@@ -65,12 +65,12 @@ def test_second_turn_gets_an_evicted_history_from_the_host_tier(llama_dir, conve
     llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=24)
     reply = llm.generate([first], GREEDY, use_tqdm=False)[0]
     assert reply.token_ids == expected_reply
-    assert llm.engine.core.stats.writeback_blocks == 10  # the finished turn's full blocks went to the host
+    assert llm.engine.stats.writeback_blocks == 10  # the finished turn's full blocks went to the host
     filler = [[random.Random(i).randrange(3, 4000) for _ in range(300)] for i in range(2)]
     llm.generate(filler, GREEDY, use_tqdm=False)  # needs the whole pool: the history leaves the device
     history = first + reply.token_ids
     answer, computed = second_turn(llm, history, question)
-    stats = llm.engine.core.stats
+    stats = llm.engine.stats
     assert answer.token_ids == expected_answer
     assert stats.prefix_host_hit_blocks == 10 and answer.num_cached_tokens == 10 * BLOCK
     assert computed == (len(history) + len(question) - 10 * BLOCK) + (GREEDY.max_tokens - 1)

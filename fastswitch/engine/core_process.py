@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import msgspec
 import zmq
@@ -73,7 +72,7 @@ class CoreLoop:
                 if busy:  # just went idle: settle the copies, give memory back, publish the final state
                     self.core.kv.drain()
                     _trim_heap()
-                    self._send(CoreOutputs(time.monotonic(), [], self.core.snapshot()))
+                    self._send(CoreOutputs(self.core.clock.now(), [], self.core.snapshot()))
                     busy, self.last_counts = False, (0, 0, 0)
                 if not self.inputs.poll(IDLE_POLL_MS):
                     if os.getppid() != self.parent_pid:

@@ -18,6 +18,7 @@ from fastswitch.engine.outputs import OutputProcessor, RequestOutput
 from fastswitch.model.demo import default_model_path
 from fastswitch.model.tokenizer import Tokenizer
 from fastswitch.sampling import SamplingParams
+from fastswitch.stats import EngineStats
 
 __all__ = ["Engine", "Prompt"]
 
@@ -52,6 +53,22 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a queued or running request's priority (lower is served first); False if it is not here."""
+        return self.core.set_priority(request_id, priority)
+
+    def preempt(self, request_id: str, mode: str | None = None) -> bool:
+        """Pause a running request now (by swap or recompute; default: preemption_mode); False if it is
+        not running, or its KV is still being copied in."""
+        return self.core.preempt(request_id, mode)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.core.stats
+
+    def kv_stats(self) -> dict:
+        return self.core.kv_stats()
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the model, and report every request that produced a token."""
