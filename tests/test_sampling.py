@@ -74,6 +74,14 @@ def test_presence_and_frequency_penalties_follow_openai():
     assert sample(logits, SamplingParams(temperature=0, presence_penalty=1.0), prompt=[0]).token_id == 0
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-300), SamplingParams(repetition_penalty=1e-180),
+                                    SamplingParams(temperature=1e-300, top_p=0.5, repetition_penalty=1e-180)])
+def test_extreme_but_valid_parameters_still_draw_a_likely_token(params):
+    """Found by fuzzing the server: logits / penalty overflowing to inf made inf - inf, and a NaN draw. A
+    temperature under 1e-5 is greedy, as in vLLM."""
+    assert sample([1.0, 3.0, -2.0, 2.5], params, prompt=[1]).token_id == 1
+
+
 def test_min_tokens_masks_stop_tokens_until_reached():
     logits = [5.0, 1.0, 0.0]
     params = SamplingParams(temperature=0, min_tokens=2)

@@ -71,13 +71,14 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tensor:
         device, vocab = logits.device, logits.shape[-1]
         temperature = torch.tensor([r.params.temperature for r in rows], device=device).unsqueeze(1)
+        scaled = torch.nan_to_num(logits / temperature)  # a tiny temperature or penalty must not make inf - inf
         if all(r.params.top_k <= 0 and r.params.top_p == 1 and r.params.min_p == 0 for r in rows):
-            return self._pick((logits / temperature).softmax(dim=-1), rows)  # nothing to cut: no sort
+            return self._pick(scaled.softmax(dim=-1), rows)  # nothing to cut: no sort
         top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows],
                              device=device).unsqueeze(1)
         top_p = torch.tensor([r.params.top_p for r in rows], device=device).unsqueeze(1)
         min_p = torch.tensor([r.params.min_p for r in rows], device=device).unsqueeze(1)
-        sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         rank = torch.arange(vocab, device=device).unsqueeze(0)
         drop = (rank >= top_k) | (probs.cumsum(dim=-1) - probs > top_p) | (probs < min_p * probs[:, :1])

@@ -4,6 +4,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
@@ -36,12 +37,16 @@ class Tokenizer:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=_token_text(self.config.get("bos_token")),
-            eos_token=_token_text(self.config.get("eos_token")),
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=_token_text(self.config.get("bos_token")),
+                eos_token=_token_text(self.config.get("eos_token")),
+            )
+        except (TemplateError, TypeError, AttributeError, LookupError, ArithmeticError) as error:
+            # the model's template met messages it was not written for: the request's problem, not ours
+            raise ValueError(f"chat template error: {type(error).__name__}: {error}") from None
 
 
 class IncrementalDetokenizer:
