@@ -49,6 +49,8 @@ class EngineConfig:
                                         "full), 'recompute' it later, or 'auto': whichever is cheaper, from the "
                                         "measured copy bandwidth and prefill speed",
                                 choices=["swap", "recompute", "auto"])
+    priority_aging: float = _opt(0.0, "priority policy: a request rises one level per this many seconds since it "
+                                       "arrived, so no level waits without bound; 0: strict priority, as in vLLM")
     thrash_guard: int = _opt(2, "iterations a just-resumed request is safe from being preempted again")
     trace_pattern: str = _opt("random", "trace policy: 'random' re-draws a priority level, 'markov' moves one level",
                               choices=["random", "markov"])
@@ -79,6 +81,8 @@ class EngineConfig:
                 raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
         if not self.swap_space >= 0:
             raise ValueError(f"invalid swap_space={self.swap_space!r}: must be >= 0 GiB")
+        if not self.priority_aging >= 0:
+            raise ValueError(f"invalid priority_aging={self.priority_aging!r}: seconds, >= 0 (0: strict priority)")
         if not (isinstance(self.thrash_guard, int) and self.thrash_guard >= 0):
             raise ValueError(f"invalid thrash_guard={self.thrash_guard!r}: must be an integer >= 0")
         self.user_weights()  # validates

@@ -4,6 +4,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastswitch import LLM, SamplingParams
 from fastswitch.engine.policies import PriorityPolicy, VTCPolicy, make_policy
@@ -211,11 +213,15 @@ def undisturbed(llama_dir, prompts):
                                                use_tqdm=False)]
 
 
+POLICY_OPTIONS = {"fcfs": {}, "priority": {}, "priority-aging": dict(policy="priority", priority_aging=0.005),
+                  "vtc": {}, "trace": dict(trace_update_freq=0.2)}
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
-@pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc", "trace"])
+@pytest.mark.parametrize("policy", list(POLICY_OPTIONS))
 def test_every_policy_and_preemption_mode_keeps_the_tokens(policy, mode, llama_dir, prompts, undisturbed):
-    llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=26, max_num_seqs=6, policy=policy,
-              preemption_mode=mode, trace_update_freq=0.2)
+    llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=26, max_num_seqs=6,
+              **{"policy": policy, "preemption_mode": mode, **POLICY_OPTIONS[policy]})
     engine, rng = llm.engine, random.Random(5)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ids = [engine.add_request(p, params, priority=rng.randrange(4), user=f"u{i % 3}") for i, p in enumerate(prompts)]
@@ -245,3 +251,50 @@ def test_per_request_accounting(llama_dir, prompts):
     m = outputs[0].metrics
     assert m.num_preemptions == 1 and m.paused_s > 0 and m.swap_s > 0
     assert m.queueing_delay_s is not None and m.queueing_delay_s >= 0
+
+
+class StepClock:
+    """Simulated time for a model-free run: the test moves it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+def overload_run(aging: int, low: int, max_seqs: int, budget: int, prompt: int, max_tokens: int, arrivals: int,
+                 guard: int, mode: str, steps: int) -> int | None:
+    """Level-0 requests keep arriving faster than they are served, for `steps` steps; a request of priority
+    `low` arrived first. The step it finished at, or None."""
+    clock = StepClock()
+    s = Scheduler(make_scheduler(num_blocks=48).kv, max_seqs, budget, mode, PriorityPolicy(aging), guard, clock=clock)
+    for k in range(max_seqs + 1):  # the seats are taken and a request waits before the low one arrives
+        s.add(request(f"first{k}", prompt_len=8, priority=0, max_tokens=30))
+    victim = request("low", prompt_len=prompt, priority=low, max_tokens=max_tokens)
+    s.add(victim)
+    for n in range(steps):
+        for k in range(arrivals):
+            s.add(request(f"h{n}.{k}", prompt_len=8, priority=0, arrival=clock.t, max_tokens=30))
+        step(s)
+        clock.t += 1.0
+        if victim.finished:
+            return n
+    return None
+
+
+@settings(max_examples=30, deadline=None)
+@given(aging=st.integers(1, 6), low=st.integers(1, 3), max_seqs=st.integers(1, 4), budget=st.integers(8, 48),
+       prompt=st.integers(1, 40), max_tokens=st.integers(1, 10), arrivals=st.integers(1, 2), guard=st.integers(0, 2),
+       mode=st.sampled_from(["swap", "recompute"]))
+def test_priority_aging_bounds_the_wait_of_a_low_level_under_sustained_overload(aging, low, max_seqs, budget, prompt,
+                                                                              max_tokens, arrivals, guard, mode):
+    """Only requests that arrived within low * aging seconds of it can outrank it (PriorityPolicy's bound):
+    it finishes within the time to serve them and itself, twice over for recomputed work; with strict
+    priority it never starts."""
+    ahead = arrivals * (low + 1) * aging + max_seqs + 1
+    bound = 2 * (ahead + 1) * (8 + 30 + prompt + max_tokens) + 10 * (guard + 1)
+    args = (low, max_seqs, budget, prompt, max_tokens, arrivals, guard, mode)
+    finished = overload_run(aging, *args, steps=bound + 1)
+    assert finished is not None and finished <= bound
+    assert overload_run(0, *args, steps=2 * finished + 10) is None, "strict priority should starve it"

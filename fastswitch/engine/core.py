@@ -39,7 +39,7 @@ class EngineCore:
                             config.enable_prefix_caching, config.block_groups, config.kv_reuse, self.clock)
         policy = make_policy(config.policy, config.seed, config.trace_pattern, config.trace_update_freq,
                              config.trace_levels, config.vtc_input_weight, config.vtc_output_weight,
-                             config.user_weights())
+                             config.user_weights(), config.priority_aging)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode,
                                    policy, config.thrash_guard, eos_token_ids, limits.max_model_len, self.clock)
         self.scheduler.costs.block_bytes = swapper.block_bytes

@@ -1,7 +1,8 @@
 """Ranking policies: who is served first. Each gives every request a sort key; lower keys run first.
 
 - `fcfs`: arrival order.
-- `priority`: the request's integer priority, lower first (vLLM's convention), ties by arrival.
+- `priority`: the request's integer priority, lower first (vLLM's convention), ties by arrival; with
+  aging, a request rises one level per `aging_s` seconds since its arrival (see PriorityPolicy).
 - `vtc`: per-user fair share with virtual token counters (Sheng et al., OSDI'24): a user's counter
   grows by `input_weight` per prompt token computed and `output_weight` per token generated, divided
   by the user's weight; a user who becomes active again is lifted to the smallest counter among
@@ -43,10 +44,26 @@ class Policy:
 
 
 class PriorityPolicy(Policy):
+    """Lower `priority` first, ties by arrival. With `aging_s` > 0 a request rises one level for every
+    `aging_s` seconds since it arrived, continuously: it ranks as a request of priority 0 arriving
+    `priority * aging_s` seconds after it did. That rank never changes while it waits, runs or is
+    paused, so aging cannot make two requests displace each other back and forth. A request of
+    priority p arriving at t is outranked, for a seat or for memory, only by requests that arrived
+    before t + (p - p_min) * aging_s, where p_min is the best priority clients send: its wait is
+    bounded by the time to serve those, a finite set however long an overload of better levels lasts."""
+
     name = "priority"
 
+    def __init__(self, aging_s: float = 0.0):
+        if not aging_s >= 0:
+            raise ValueError(f"invalid priority_aging={aging_s!r}: seconds, >= 0 (0: strict priority)")
+        self.aging_s = aging_s
+
     def key(self, request: Request) -> tuple:
-        return (request.priority, request.metrics.arrival_time, request.seq)
+        arrival = request.metrics.arrival_time
+        if self.aging_s:
+            return (arrival + request.priority * self.aging_s, arrival, request.seq)
+        return (request.priority, arrival, request.seq)
 
 
 class VTCPolicy(Policy):
@@ -84,6 +101,7 @@ class TracePolicy(PriorityPolicy):
             raise ValueError(f"invalid trace_pattern {pattern!r}; choose from {', '.join(TRACE_PATTERNS)}")
         if not 0 <= update_freq <= 1:
             raise ValueError(f"invalid trace_update_freq={update_freq!r}: a probability per iteration, in [0, 1]")
+        super().__init__()
         self.pattern, self.update_freq, self.levels = pattern, update_freq, levels
         self.rng = random.Random(seed)
         self.changes: list[tuple[int, str, int]] = []  # (iteration, request id, new priority)
@@ -106,11 +124,11 @@ class TracePolicy(PriorityPolicy):
 
 def make_policy(name: str, seed: int = 0, trace_pattern: str = "random", trace_update_freq: float = 0.04,
                 trace_levels: int = 4, vtc_input_weight: float = 1.0, vtc_output_weight: float = 2.0,
-                vtc_user_weights: dict[str, float] | None = None) -> Policy:
+                vtc_user_weights: dict[str, float] | None = None, priority_aging: float = 0.0) -> Policy:
     if name == "fcfs":
         return Policy()
     if name == "priority":
-        return PriorityPolicy()
+        return PriorityPolicy(priority_aging)
     if name == "vtc":
         return VTCPolicy(vtc_input_weight, vtc_output_weight, vtc_user_weights)
     if name == "trace":
