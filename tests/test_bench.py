@@ -12,7 +12,7 @@ from tests.test_cli import run_cli
 
 SUMMARY_KEYS = {"ttft_p50", "ttft_p95", "ttft_p99", "ttft_p999", "tbt_p50", "tbt_p99", "tbt_p999", "throughput_tok_s",
                 "preemptions", "swap_out_blocks", "swap_out_bytes", "reuse_saved_blocks", "stall_s", "goodput_req_s",
-                "ttft_p99_by_priority", "jain_index"}
+                "ttft_p99_by_priority", "slo_attainment_by_priority", "lowest_level_ttft_p99", "jain_index"}
 
 
 def record(i: int, ttft: float, tbt: list[float], user: str = "u", priority: int | None = None) -> RequestRecord:
@@ -30,6 +30,8 @@ def test_percentiles_goodput_and_fairness_on_known_data():
     # met: TTFT <= 0.5 s (i <= 500) and mean TBT (0.09 + i/100) / 10 <= 0.05 (i <= 41)
     assert s["slo_attainment"] == pytest.approx(41 / 1000) and s["goodput_req_s"] == pytest.approx(0.41)
     assert s["ttft_p99_by_priority"]["0"] == pytest.approx(0.99002) and set(s["ttft_p99_by_priority"]) == {"0", "1"}
+    assert s["slo_attainment_by_priority"] == {"0": pytest.approx(20 / 500), "1": pytest.approx(21 / 500)}
+    assert s["lowest_level_ttft_p99"] == s["ttft_p99_by_priority"]["1"]
     assert s["preemptions"] == 7 and s["swap_out_blocks"] is None
     assert s.keys() >= SUMMARY_KEYS
 

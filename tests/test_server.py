@@ -188,6 +188,8 @@ def test_metrics_parse_and_move(server, client):
     assert after["fastswitch:generation_tokens_total"] == before["fastswitch:generation_tokens_total"] + 3
     assert after["fastswitch:prompt_tokens_total"] > before["fastswitch:prompt_tokens_total"]
     assert "fastswitch:num_requests_waiting" in after and "fastswitch:swap_out_bytes_total" in after
+    assert after["fastswitch:request_paused_seconds_count[('priority', '0')]"] >= 1
+    assert "fastswitch:request_preemptions_total[('priority', '0')]" in after
 
 
 def test_api_key_and_limits(llama_dir):

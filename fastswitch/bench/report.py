@@ -18,6 +18,7 @@ from fastswitch.bench.runner import COUNTERS, RequestRecord
 PERCENTILES = {"p50": 50, "p95": 95, "p99": 99, "p999": 99.9}
 TABLE = [  # (column, summary key, format)
     ("TTFT P50 s", "ttft_p50", "{:.3f}"), ("TTFT P99 s", "ttft_p99", "{:.3f}"), ("TTFT P99.9 s", "ttft_p999", "{:.3f}"),
+    ("lowest level's TTFT P99 s", "lowest_level_ttft_p99", "{:.3f}"), ("TBT P50 s", "tbt_p50", "{:.4f}"),
     ("TBT P99 s", "tbt_p99", "{:.3f}"), ("TBT P99.9 s", "tbt_p999", "{:.3f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"), ("goodput req/s", "goodput_req_s", "{:.2f}"),
     ("preemptions", "preemptions", "{:.0f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
@@ -45,8 +46,12 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
     by_priority = defaultdict(list)
     for r in records:
         if r.priority is not None:
-            by_priority[r.priority].append(r.ttft_s)
-    summary["ttft_p99_by_priority"] = {str(p): percentile(v, 99) for p, v in sorted(by_priority.items())}
+            by_priority[r.priority].append(r)
+    levels = sorted(by_priority.items())
+    summary["ttft_p99_by_priority"] = {str(p): percentile([r.ttft_s for r in v], 99) for p, v in levels}
+    summary["slo_attainment_by_priority"] = {str(p): sum(_meets(r, slo_ttft, slo_tbt) for r in v) / len(v)
+                                             for p, v in levels}
+    summary["lowest_level_ttft_p99"] = percentile([r.ttft_s for r in levels[-1][1]], 99) if levels else None
     summary["jain_index"] = jain_index(records)
     return summary | {key: counters.get(key) for key in COUNTERS}
 

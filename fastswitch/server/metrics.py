@@ -3,7 +3,7 @@ the engine core published; latency histograms are observed here as requests fini
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastswitch.engine.outputs import RequestOutput
@@ -68,6 +68,10 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("fastswitch:e2e_request_latency_seconds", "Arrival to finish", ["priority"],
                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.paused = Histogram("fastswitch:request_paused_seconds", "Time a finished request spent preempted",
+                                ["priority"], buckets=(0, *LATENCY_BUCKETS), registry=self.registry)
+        self.preempted = Counter("fastswitch:request_preemptions", "Preemptions of finished requests, by priority",
+                                 ["priority"], registry=self.registry)
 
     def observe(self, out: RequestOutput, priority: int) -> None:
         m, label = out.metrics, str(priority)
@@ -78,3 +82,5 @@ class Metrics:
             self.tbt.labels(label).observe(later - earlier)
         if m.finish_time is not None:
             self.e2e.labels(label).observe(m.finish_time - m.arrival_time)
+        self.paused.labels(label).observe(m.paused_s)
+        self.preempted.labels(label).inc(m.num_preemptions)
