@@ -298,3 +298,17 @@ def test_priority_aging_bounds_the_wait_of_a_low_level_under_sustained_overload(
     finished = overload_run(aging, *args, steps=bound + 1)
     assert finished is not None and finished <= bound
     assert overload_run(0, *args, steps=2 * finished + 10) is None, "strict priority should starve it"
+
+
+def test_vtc_honours_priority_inside_a_users_share():
+    """Inside one user's share the better priority goes first and takes the worse one's seat; across users
+    the share decides."""
+    s = make_scheduler(max_num_seqs=1, policy=VTCPolicy())
+    s.add(request("late-low", priority=3, user="alice"))
+    step(s)
+    s.add(request("urgent", priority=0, user="alice", arrival=1.0))
+    out = step(s)
+    assert names(out.preempted_ids) == ["late-low"] and names(out.scheduled) == ["urgent"]
+    s.add(request("bob-low", priority=5, user="bob", arrival=2.0))
+    s.policy.counters["bob"] = s.policy.counters["alice"] - 100  # bob was served less: his share comes first
+    assert s.policy.key(s.requests["bob-low"]) < s.policy.key(s.requests["late-low"])

@@ -7,7 +7,8 @@
   grows by `input_weight` per prompt token computed and `output_weight` per token generated, divided
   by the user's weight; a user who becomes active again is lifted to the smallest counter among
   active users; the user with the smallest counter goes first. Unlike the original (admission only),
-  it may preempt, but only a user behind by more than VTC_PREEMPT_MARGIN.
+  it may preempt, but only a user behind by more than VTC_PREEMPT_MARGIN. Inside a user's share, the
+  request's priority orders (and may preempt) that user's own requests.
 - `trace`: FastSwitch's evaluation: each request's priority is re-drawn every iteration with
   probability `update_freq`, from a seeded generator: `random` draws a new level uniformly, `markov`
   moves one level up or down.
@@ -75,7 +76,8 @@ class VTCPolicy(Policy):
         self.counters: dict[str, float] = defaultdict(float)
 
     def key(self, request: Request) -> tuple:
-        return (self.counters[request.user], request.metrics.arrival_time, request.seq)
+        """The user's share first; inside it, the request's priority (lower first), then arrival."""
+        return (self.counters[request.user], request.priority, request.metrics.arrival_time, request.seq)
 
     def on_arrival(self, request: Request, active: list[Request]) -> None:
         active_users = {r.user for r in active}
@@ -89,7 +91,10 @@ class VTCPolicy(Policy):
 
     def preempts(self, request: Request, victim: Request) -> bool:
         """Only a user clearly behind takes another's place: counters move with every token served, and
-        preempting over a few tokens' difference would swap requests back and forth every iteration."""
+        preempting over a few tokens' difference would swap requests back and forth every iteration.
+        Inside one user's share, a better priority takes the place of a worse one."""
+        if request.user == victim.user:
+            return request.priority < victim.priority
         return self.counters[victim.user] - self.counters[request.user] > VTC_PREEMPT_MARGIN
 
 

@@ -176,9 +176,19 @@ class EngineCoreClient:
             return
         if message.snapshot is not None:
             self.snapshot = message.snapshot
-        outputs, stopped = self.outputs.process(message)
-        for out in outputs:
-            self._deliver(out.request_id, out)
+        stopped = []
+        for delta in message.outputs:  # one at a time: a surprise in one request's text fails that request only
+            try:
+                outputs, stop = self.outputs.process(CoreOutputs(message.timestamp, [delta]))
+            except Exception as error:
+                log.exception("request %s: its output could not be processed", delta.request_id)
+                self.outputs.abort(delta.request_id)
+                self._deliver(delta.request_id, error)
+                stop = [delta.request_id]
+            else:
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+            stopped += stop
         if stopped:
             self._send(Abort(stopped))
 
