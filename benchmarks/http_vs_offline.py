@@ -16,16 +16,14 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
-import httpx
 
 from fastswitch.bench.machine import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import cpu_seconds, engine_core_pid  # noqa: E402
+from processes import cpu_seconds, engine_core_pid, wait_until_healthy  # noqa: E402
 
 
 def bench(*argv: str) -> None:
@@ -51,12 +49,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "fastswitch", "serve", "--port", str(port), "--model", args.model,
                                *engine], stdout=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)  # polling the server's readiness
+        wait_until_healthy(f"http://127.0.0.1:{port}", server)
         core = engine_core_pid(server.pid)
         before = cpu_seconds(server.pid), cpu_seconds(core), resource.getrusage(resource.RUSAGE_CHILDREN)
         print("HTTP run ...", flush=True)

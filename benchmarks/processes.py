@@ -1,6 +1,23 @@
-"""What the benchmarks read about a running `fastswitch serve`: its engine core's pid, CPU time, memory (Linux /proc)."""
+"""What the benchmarks read about a running `fastswitch serve`: readiness, its engine core's pid, CPU time,
+memory (Linux /proc)."""
 
+import subprocess
+import time
 from pathlib import Path
+
+import httpx
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen) -> None:
+    """Poll /health until the server answers 200; RuntimeError if it exits first."""
+    while server.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)  # polling the server's readiness
+    raise RuntimeError(f"fastswitch serve exited with code {server.returncode} before it was ready")
 
 
 def engine_core_pid(server_pid: int) -> int:

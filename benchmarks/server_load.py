@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastswitch.bench.machine import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import engine_core_pid, rss_mb, rss_outside_kv_mb  # noqa: E402
+from processes import engine_core_pid, rss_mb, rss_outside_kv_mb, wait_until_healthy  # noqa: E402
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -71,12 +71,7 @@ def main() -> None:
                                *args.server_args.split()],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_healthy(url, server)
         print("server up; warming up", flush=True)
         asyncio.run(load(url, 8, args.max_tokens))
         core = engine_core_pid(server.pid)

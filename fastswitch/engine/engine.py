@@ -39,8 +39,6 @@ class Engine:
         `priority`: lower is served first (policy `priority`); `user`: whose fair share it counts
         against (policy `vtc`)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.outputs.states:
-            raise ValueError(f"request id {request_id!r} is already in use")
         add, text = self.inputs.process(prompt, params, request_id, arrival_time or self.core.clock.now(), priority,
                                         user)
         self.core.add_request(add)
