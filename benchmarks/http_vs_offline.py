@@ -19,7 +19,6 @@ import sys
 from datetime import date
 from pathlib import Path
 
-
 from fastswitch.bench.machine import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -134,9 +134,8 @@ def _bench_run_parser(benches) -> None:
                                    "serve' with the preset)")
     run.add_argument("--priorities", default="markov", choices=PRIORITY_PATTERNS,
                      help="how priorities change: offline, per iteration (trace policy, --trace-update-freq); over "
-                          "HTTP, per request; none: the engine's --policy decides (default: markov)")
-    run.add_argument("--slo-ttft", type=float, help="goodput: a request's TTFT must be at most this (seconds)")
-    run.add_argument("--slo-tbt", type=float, help="goodput: a request's mean time between tokens must be at most this")
+                          "HTTP, per request, ranked by --policy priority (or slo or vtc, if given); none: the "
+                          "engine's --policy decides (default: markov)")
     work = run.add_argument_group("workload")
     spec = SyntheticSpec()
     work.add_argument("--workload", default="synthetic", help="'synthetic', or a ShareGPT-format JSON file")
@@ -220,9 +219,10 @@ def _bench_run(args) -> int:
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     config = dataclasses.replace(EngineConfig.from_cli_args(args), **runner.PRESETS[args.preset])
-    if args.priorities != "none":  # offline, the engine re-draws priorities; over HTTP, the client sends them
-        config = dataclasses.replace(config, policy="trace" if args.mode == "offline" else "priority",
-                                     trace_pattern=args.priorities)
+    if args.priorities != "none" and args.mode == "offline":  # the engine re-draws priorities
+        config = dataclasses.replace(config, policy="trace", trace_pattern=args.priorities)
+    elif args.priorities != "none" and config.policy in ("fcfs", "trace"):  # the client sends them; rank by them
+        config = dataclasses.replace(config, policy="priority")
     conversations = _workload(args, config)
     label = args.label or ("server" if args.url else args.preset)
     print(f"{label}: {len(conversations)} conversations, {sum(len(c.turns) for c in conversations)} requests, "
@@ -239,7 +239,7 @@ def _bench_run(args) -> int:
                                                             args.workload_seed))
             after = runner.server_counters(url)
         counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
-    summary = report.summarize(records, duration, counters, args.slo_ttft, args.slo_tbt)
+    summary = report.summarize(records, duration, counters, config.slo())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"label": label, "preset": None if args.url else args.preset, "mode": args.mode,

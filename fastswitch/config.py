@@ -5,6 +5,8 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
+from fastswitch.slo import DEFAULT_TBT, DEFAULT_TTFT, SLO
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 1 << 30
 GPU_KV_CACHE_FRACTION = 0.8
@@ -43,14 +45,18 @@ class EngineConfig:
     kv_reuse: bool = _opt(True, "keep a resumed request's host copy, so its next swap-out copies only newer blocks, and "
                                 "reuse host-cached prefixes; off (an ablation): every swap-out copies everything")
     policy: str = _opt("fcfs", "who is served first: 'fcfs' (arrival), 'priority' (per request, lower first), "
-                               "'vtc' (per-user fair share), 'trace' (priorities re-drawn as the run goes)",
-                       choices=["fcfs", "priority", "vtc", "trace"])
+                               "'vtc' (per-user fair share), 'slo' (earliest deadline against the per-level "
+                               "targets, for goodput), 'trace' (priorities re-drawn as the run goes)",
+                       choices=["fcfs", "priority", "vtc", "slo", "trace"])
     preemption_mode: str = _opt("swap", "how a request is paused: 'swap' its KV to the host (recompute if the host is "
                                         "full), 'recompute' it later, or 'auto': whichever is cheaper, from the "
                                         "measured copy bandwidth and prefill speed",
                                 choices=["swap", "recompute", "auto"])
     priority_aging: float = _opt(0.0, "priority policy: a request rises one level per this many seconds since it "
                                        "arrived, so no level waits without bound; 0: strict priority, as in vLLM")
+    slo_ttft: str = _opt(DEFAULT_TTFT, "time-to-first-token target per priority level, 'level=seconds,...' or one "
+                                       "number for all: the slo policy's deadlines and the fastswitch:slo_* metrics")
+    slo_tbt: str = _opt(DEFAULT_TBT, "target of the mean time between tokens per priority level, as for slo_ttft")
     thrash_guard: int = _opt(2, "iterations a just-resumed request is safe from being preempted again")
     trace_pattern: str = _opt("random", "trace policy: 'random' re-draws a priority level, 'markov' moves one level",
                               choices=["random", "markov"])
@@ -86,6 +92,10 @@ class EngineConfig:
         if not (isinstance(self.thrash_guard, int) and self.thrash_guard >= 0):
             raise ValueError(f"invalid thrash_guard={self.thrash_guard!r}: must be an integer >= 0")
         self.user_weights()  # validates
+        self.slo()
+
+    def slo(self) -> SLO:
+        return SLO.parse(self.slo_ttft, self.slo_tbt)
 
     def user_weights(self) -> dict[str, float]:
         weights = {}

@@ -1,7 +1,25 @@
-"""A model-free executor for scheduler tests: the engine core's step with token 1 for a model."""
+"""Model-free parts for scheduler tests: the engine core's step with token 1 for a model, a clock the
+test moves, and policies by name."""
 
+from fastswitch.config import EngineConfig
+from fastswitch.engine.costs import CostModel
+from fastswitch.engine.policies import Policy, make_policy
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.messages import EngineCoreOutput, ModelOutput, SchedulerOutput
+
+
+class StepClock:
+    """Simulated time: the test moves it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+def policy_named(name: str, clock: StepClock, costs: CostModel | None = None, **options) -> Policy:
+    return make_policy(EngineConfig(policy=name, device="cpu", **options), clock, costs or CostModel())
 
 
 def execute(scheduler: Scheduler, out: SchedulerOutput) -> list[EngineCoreOutput]:

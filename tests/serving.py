@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +22,12 @@ class Server:
     def __init__(self, model_dir: str, *extra: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: nobody reads a pipe while the server runs, and a full one would block its logging.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastswitch", "serve", "--model", model_dir, "--port", str(self.port),
              "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "512", "--served-model-name", "tiny", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -33,7 +36,11 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.2)  # polling the child's readiness
         self.stop()
-        raise RuntimeError(f"server did not start: {self.proc.stdout.read()}")
+        raise RuntimeError(f"server did not start: {self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics").text

@@ -8,6 +8,7 @@ from fastswitch.bench.report import jain_index, summarize
 from fastswitch.bench.runner import PRESETS, RequestRecord, _priorities
 from fastswitch.bench.workload import SyntheticSpec, synthetic
 from fastswitch.config import EngineConfig
+from fastswitch.slo import SLO
 from tests.test_cli import run_cli
 
 SUMMARY_KEYS = {"ttft_p50", "ttft_p95", "ttft_p99", "ttft_p999", "tbt_p50", "tbt_p99", "tbt_p999", "throughput_tok_s",
@@ -21,7 +22,7 @@ def record(i: int, ttft: float, tbt: list[float], user: str = "u", priority: int
 
 def test_percentiles_goodput_and_fairness_on_known_data():
     records = [record(i, ttft=i / 1000, tbt=[0.01] * 9 + [i / 100], priority=i % 2) for i in range(1, 1001)]
-    s = summarize(records, duration_s=100.0, counters={"preemptions": 7}, slo_ttft=0.5, slo_tbt=0.05)
+    s = summarize(records, duration_s=100.0, counters={"preemptions": 7}, slo=SLO.parse("0.5", "0.05"))
     assert s["ttft_p50"] == pytest.approx(0.5005) and s["ttft_p99"] == pytest.approx(0.99001)
     assert s["ttft_p999"] == pytest.approx(0.999001) and s["ttft_p95"] == pytest.approx(0.95005)
     assert s["tbt_p50"] == pytest.approx(0.01)  # 9 of every 10 gaps
@@ -78,17 +79,19 @@ def test_offline_runs_and_their_comparison(tmp_path, capsys, llama_dir):
     code, out, _ = run_cli(capsys, "bench", "compare", str(tmp_path / "baseline"), str(tmp_path / "fastswitch"),
                            "--out", str(tmp_path / "cmp"))
     assert code == 0 and "| baseline |" in out and "| fastswitch |" in out
-    for name in ("compare.md", "ttft_cdf.png", "tail_latency.png", "swap_bytes.png"):
+    for name in ("compare.md", "ttft_cdf.png", "tail_latency.png", "swap_bytes.png", "priority_levels.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
 
 
 def test_http_run_against_a_fastswitch_server(tmp_path, capsys, llama_dir):
-    """The client streams token ids and builds each next turn from them; the server's counters come back."""
-    code, out, _ = run_cli(capsys, "bench", "run", "--mode", "http", "--priorities", "random", "--model", llama_dir,
-                           "--out", str(tmp_path / "http"), *WORKLOAD)
+    """The client streams token ids and builds each next turn from them; the server's counters come back. The
+    server ranks the priorities the client sends with the policy asked for."""
+    code, out, _ = run_cli(capsys, "bench", "run", "--mode", "http", "--priorities", "random", "--policy", "slo",
+                           "--model", llama_dir, "--out", str(tmp_path / "http"), *WORKLOAD)
     assert code == 0
     run = json.loads((tmp_path / "http" / "results.json").read_text())
-    assert run["mode"] == "http" and run["summary"]["preemptions"] is not None
+    assert run["mode"] == "http" and run["summary"]["preemptions"] is not None and run["config"]["policy"] == "slo"
+    assert set(run["summary"]["slo_attainment_by_priority"]) <= {"0", "1", "2", "3"}
     assert {r["priority"] for r in run["requests"]} <= {0, 1, 2, 3}
     later_turns = [r for r in run["requests"] if r["turn"] > 0]
     assert later_turns and any(r["cached_tokens"] > 0 for r in later_turns), "turns did not reuse their history"

@@ -5,9 +5,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastswitch.messages import (Abort, AddRequest, Copy, CoreOutputs, EngineCoreOutput, Failed, FromCore, Limits,
-                                 ModelOutput, NewRequest, Ready, ScheduledRequest, SchedulerOutput, Shutdown, Snapshot,
-                                 ToCore)
+from fastswitch.messages import (
+    Abort,
+    AddRequest,
+    Copy,
+    CoreOutputs,
+    EngineCoreOutput,
+    Failed,
+    FromCore,
+    Limits,
+    ModelOutput,
+    NewRequest,
+    Ready,
+    ScheduledRequest,
+    SchedulerOutput,
+    Shutdown,
+    Snapshot,
+    ToCore,
+)
 from fastswitch.request import RequestMetrics
 from fastswitch.sampling import SamplingParams
 from fastswitch.stats import EngineStats

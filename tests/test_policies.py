@@ -1,5 +1,6 @@
 """Fairness-aware preemptive scheduling: ranking, preemption decisions, fairness, reproducibility."""
 
+import math
 import random
 
 import pytest
@@ -8,14 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastswitch import LLM, SamplingParams
-from fastswitch.engine.policies import PriorityPolicy, VTCPolicy, make_policy
-from fastswitch.engine.scheduler import CostModel, Scheduler
+from fastswitch.engine.costs import CostModel
+from fastswitch.engine.policies import PriorityPolicy, VTCPolicy
+from fastswitch.engine.scheduler import Scheduler
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
 from fastswitch.kv.swap import SwapManager
 from fastswitch.request import Request, Status
+from fastswitch.slo import SLO
 from fastswitch.stats import EngineStats
-from tests.model_free import execute
+from tests.model_free import StepClock, execute, policy_named
 
 BLOCK = 4
 CPU = torch.device("cpu")
@@ -86,7 +89,7 @@ def test_a_just_resumed_request_is_not_preempted_again_within_the_guard():
 
 
 def test_fcfs_never_preempts_for_a_later_arrival():
-    s = make_scheduler(num_blocks=16, max_num_seqs=2, policy=make_policy("fcfs"))
+    s = make_scheduler(num_blocks=16, max_num_seqs=2, policy=policy_named("fcfs", StepClock()))
     for i in range(5):
         s.add(request(f"r{i}", prompt_len=10, arrival=i, max_tokens=20))
     finished_order, preemptions = [], 0
@@ -214,7 +217,8 @@ def undisturbed(llama_dir, prompts):
 
 
 POLICY_OPTIONS = {"fcfs": {}, "priority": {}, "priority-aging": dict(policy="priority", priority_aging=0.005),
-                  "vtc": {}, "trace": dict(trace_update_freq=0.2)}
+                  "vtc": {}, "trace": dict(trace_update_freq=0.2),
+                  "slo": dict(slo_ttft="0=0.01,1=0.02,2=0.04,3=0.08", slo_tbt="0.002")}
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
@@ -253,22 +257,12 @@ def test_per_request_accounting(llama_dir, prompts):
     assert m.queueing_delay_s is not None and m.queueing_delay_s >= 0
 
 
-class StepClock:
-    """Simulated time for a model-free run: the test moves it."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-
-def overload_run(aging: int, low: int, max_seqs: int, budget: int, prompt: int, max_tokens: int, arrivals: int,
+def overload_run(policy, low: int, max_seqs: int, budget: int, prompt: int, max_tokens: int, arrivals: int,
                  guard: int, mode: str, steps: int) -> int | None:
-    """Level-0 requests keep arriving faster than they are served, for `steps` steps; a request of priority
-    `low` arrived first. The step it finished at, or None."""
+    """Level-0 requests keep arriving faster than they are served, for `steps` steps of a second; a request
+    of priority `low` arrived first. `policy(clock)` ranks them. The step it finished at, or None."""
     clock = StepClock()
-    s = Scheduler(make_scheduler(num_blocks=48).kv, max_seqs, budget, mode, PriorityPolicy(aging), guard, clock=clock)
+    s = Scheduler(make_scheduler(num_blocks=48).kv, max_seqs, budget, mode, policy(clock), guard, clock=clock)
     for k in range(max_seqs + 1):  # the seats are taken and a request waits before the low one arrives
         s.add(request(f"first{k}", prompt_len=8, priority=0, max_tokens=30))
     victim = request("low", prompt_len=prompt, priority=low, max_tokens=max_tokens)
@@ -295,9 +289,111 @@ def test_priority_aging_bounds_the_wait_of_a_low_level_under_sustained_overload(
     ahead = arrivals * (low + 1) * aging + max_seqs + 1
     bound = 2 * (ahead + 1) * (8 + 30 + prompt + max_tokens) + 10 * (guard + 1)
     args = (low, max_seqs, budget, prompt, max_tokens, arrivals, guard, mode)
-    finished = overload_run(aging, *args, steps=bound + 1)
+    finished = overload_run(lambda clock: PriorityPolicy(aging), *args, steps=bound + 1)
     assert finished is not None and finished <= bound
-    assert overload_run(0, *args, steps=2 * finished + 10) is None, "strict priority should starve it"
+    assert overload_run(lambda clock: PriorityPolicy(0), *args, steps=2 * finished + 10) is None, \
+        "strict priority should starve it"
+
+
+# -- slo ------------------------------------------------------------------------------------------------
+
+TARGETS = dict(slo_ttft="0=1,1=1.5,2=2,3=3", slo_tbt="0=1,1=1.5,2=2,3=3")  # seconds: steps of the StepClock runs
+
+
+def test_slo_targets_per_level_fall_back_to_the_next_better_level():
+    slo = SLO.parse("0=0.5,2=2", "0.1")
+    assert [slo.ttft(p) for p in (-1, 0, 1, 2, 9)] == [0.5, 0.5, 0.5, 2.0, 2.0]
+    assert slo.tbt(3) == 0.1
+    assert slo.met(1, 0.4, [0.05, 0.2]) == (True, False)  # mean gap 0.125 s
+
+
+@settings(max_examples=40, deadline=None)
+@given(levels=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+       arrivals=st.lists(st.floats(0, 50), min_size=12, max_size=12))
+def test_slo_serves_the_earliest_deadline_first(levels, arrivals):
+    """One seat, one-token requests of equal size, nobody late: they are served by arrival + TTFT target."""
+    clock = StepClock()
+    clock.t = 50.0
+    s = make_scheduler(max_num_seqs=1, policy=policy_named("slo", clock, slo_ttft="0=100,1=150,2=200,3=300"))
+    s.clock = clock
+    ttft = {0: 100, 1: 150, 2: 200, 3: 300}
+    for i, level in enumerate(levels):
+        s.add(request(f"r{i}", priority=level, arrival=arrivals[i], max_tokens=1))
+    order = []
+    while s.has_unfinished():
+        order += [r.request_id for r in step(s).scheduled]
+        clock.t += 0.001
+    expected = sorted(range(len(levels)), key=lambda i: (arrivals[i] + ttft[levels[i]], i))
+    assert order == [f"r{i}" for i in expected]
+
+
+def test_slo_preempts_the_running_request_with_the_most_slack():
+    clock = StepClock()
+    s = make_scheduler(max_num_seqs=3, policy=policy_named("slo", clock, **TARGETS))
+    s.clock = clock
+    for name, level in (("a", 0), ("b", 3), ("c", 1)):
+        s.add(request(name, priority=level))
+    step(s)
+    clock.t += 0.1
+    step(s)  # everyone has a token: due at its last token + its level's TBT target
+    s.add(request("urgent", priority=0, arrival=clock.t))
+    out = step(s)
+    assert names(out.preempted_ids) == ["b"] and "urgent" in names(out.scheduled)
+
+
+def test_slo_a_request_past_its_deadline_drops_behind_those_that_can_make_it_but_ages():
+    clock = StepClock()
+    policy = policy_named("slo", clock, **TARGETS)
+    late, fresh = request("late", priority=0, arrival=0.0), request("fresh", priority=0, arrival=1.5)
+    clock.t = 1.5  # late's first token was due at 1.0
+    policy.on_iteration([])
+    assert policy.key(fresh) < policy.key(late)
+    newcomer = request("newcomer", priority=0, arrival=2.1)  # due at 3.1, after late's rank (1 + 2 targets)
+    clock.t = 2.1
+    policy.on_iteration([])
+    assert policy.key(late) < policy.key(newcomer)
+
+
+@settings(max_examples=20, deadline=None)
+@given(low=st.integers(1, 3), max_seqs=st.integers(1, 4), budget=st.integers(8, 48), prompt=st.integers(1, 40),
+       max_tokens=st.integers(1, 4), arrivals=st.integers(1, 2), guard=st.integers(0, 2),
+       mode=st.sampled_from(["swap", "recompute"]))
+def test_slo_bounds_the_wait_of_a_low_level_under_sustained_overload(low, max_seqs, budget, prompt, max_tokens,
+                                                                    arrivals, guard, mode):
+    """Each of its tokens ranks no later than its previous one (or its arrival) + 3 targets, so only requests
+    due before that outrank it (SLOPolicy's bound): it finishes within the time to serve those."""
+    target = (1, 1.5, 2, 3)[low]
+    ahead = arrivals * math.ceil(3 * target + 1) + max_seqs + 1  # per token of it
+    bound = (max_tokens + 1) * 2 * (ahead + 1) * (8 + 30 + prompt + max_tokens) + 10 * (guard + 1)
+    finished = overload_run(lambda clock: policy_named("slo", clock, **TARGETS), low, max_seqs, budget, prompt,
+                            max_tokens, arrivals, guard, mode, steps=bound + 1)
+    assert finished is not None and finished <= bound
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 26), st.integers(0, 3)), min_size=2, max_size=10),
+       num_blocks=st.integers(14, 40), seed=st.integers(0, 10**6), mode=st.sampled_from(["swap", "recompute"]))
+def test_slo_thrash_guard_bounds_preemptions_per_request_per_second(sizes, num_blocks, seed, mode):
+    """Tight memory and priorities changing under it: a request resumed less than 1 / max_preemptions_per_s
+    ago is not preempted again, so none is preempted more often than that, and everyone finishes."""
+    clock, rng = StepClock(), random.Random(seed)
+    policy = policy_named("slo", clock, slo_ttft="0=0.05,1=0.1,2=0.2,3=0.4", slo_tbt="0=0.02,1=0.04,2=0.08,3=0.16")
+    s = make_scheduler(num_blocks=num_blocks, max_num_seqs=4, budget=32, mode=mode, policy=policy)
+    s.clock = clock
+    requests = [request(f"r{i}", prompt_len=p, priority=level, max_tokens=m) for i, (p, m, level) in enumerate(sizes)]
+    for r in requests:
+        s.add(r)
+    for _ in range(5000):
+        if not s.has_unfinished():
+            break
+        if s.running and rng.random() < 0.3:
+            rng.choice(s.running).priority = rng.randrange(4)
+        step(s)
+        clock.t += 0.01
+    assert not s.has_unfinished()
+    for r in requests:
+        lifetime = r.metrics.finish_time - r.metrics.first_scheduled_time
+        assert r.metrics.num_preemptions <= 1 + lifetime / policy.min_resident_s + 1e-9
 
 
 def test_vtc_honours_priority_inside_a_users_share():

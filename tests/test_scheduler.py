@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fastswitch.engine.policies import POLICIES, make_policy
+from fastswitch.engine.policies import POLICIES
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
@@ -14,7 +14,7 @@ from fastswitch.kv.swap import SwapManager
 from fastswitch.request import Request, Status
 from fastswitch.sampling import SamplingParams
 from fastswitch.stats import EngineStats
-from tests.model_free import execute
+from tests.model_free import StepClock, execute, policy_named
 
 BLOCK = 4
 
@@ -70,8 +70,9 @@ def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max
     Not claimed: `trace` with recomputation, where priorities re-drawn every few iterations can displace
     a long prefill again and again before it finishes, each time throwing its work away."""
     assume(not (policy == "trace" and mode == "recompute"))
+    clock = StepClock()
     scheduler = Scheduler(make_kv(num_blocks), max_seqs, budget, mode,
-                          make_policy(policy, seed=churn, trace_update_freq=0.3), guard)
+                          policy_named(policy, clock, seed=churn, trace_update_freq=0.3), guard, clock=clock)
     rng = random.Random(churn)
     arrivals = sorted((arrive, i, make_request(i, p, m, rng.randrange(3))) for i, (p, m, arrive) in enumerate(sizes))
     pending, finished = list(arrivals), []
@@ -83,6 +84,7 @@ def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max
         out = scheduler.schedule()
         check_invariants(scheduler, out, budget, max_seqs, num_blocks)
         finished += advance(scheduler, out)
+        clock.t += 0.01
         if not pending and not scheduler.has_unfinished():
             break
     assert len(finished) == len(sizes), "a request never finished"
@@ -124,7 +126,9 @@ def test_when_memory_runs_out_the_latest_request_is_recomputed_later():
 def test_running_requests_short_of_memory_never_livelock_under_any_policy():
     """Every running request needs a block at once, from one user (vtc counters equal): someone yields."""
     for policy in POLICIES:
-        scheduler = Scheduler(KVManager(8, 0, BLOCK, EngineStats()), 4, 64, "recompute", make_policy(policy), 0)
+        clock = StepClock()
+        scheduler = Scheduler(KVManager(8, 0, BLOCK, EngineStats()), 4, 64, "recompute", policy_named(policy, clock), 0,
+                              clock=clock)
         requests = [Request(f"r{i}", [7] * 7, SamplingParams(max_tokens=20), float(i), user="same")
                     for i in range(4)]
         for r in requests:
@@ -132,6 +136,7 @@ def test_running_requests_short_of_memory_never_livelock_under_any_policy():
         finished = []
         for _ in range(1000):
             finished += advance(scheduler, scheduler.schedule())
+            clock.t += 0.01
             if not scheduler.has_unfinished():
                 break
         assert len(finished) == 4, f"{policy}: only {len(finished)} of 4 finished"

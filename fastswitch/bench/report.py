@@ -2,7 +2,8 @@
 
 Latencies are in seconds. TTFT is measured from a request's arrival (offline) or from when it was
 sent (HTTP); TBT pools every gap between consecutive tokens of every request. A request meets the
-SLO when its TTFT is at most `slo_ttft` and its mean TBT at most `slo_tbt`. Jain's fairness index
+SLO when its TTFT and its mean TBT are within its priority level's targets (`fastswitch/slo.py`;
+level 0's for a request sent without a priority); goodput counts those per second. Jain's fairness index
 is over per-user service, counted as VTC counts it by default (a prompt token 1, an output token 2):
 1 when every user got the same, 1/users when one got everything.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fastswitch.bench.runner import COUNTERS, RequestRecord
+from fastswitch.slo import SLO
 
 PERCENTILES = {"p50": 50, "p95": 95, "p99": 99, "p999": 99.9}
 TABLE = [  # (column, summary key, format)
@@ -21,6 +23,7 @@ TABLE = [  # (column, summary key, format)
     ("lowest level's TTFT P99 s", "lowest_level_ttft_p99", "{:.3f}"), ("TBT P50 s", "tbt_p50", "{:.4f}"),
     ("TBT P99 s", "tbt_p99", "{:.3f}"), ("TBT P99.9 s", "tbt_p999", "{:.3f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"), ("goodput req/s", "goodput_req_s", "{:.2f}"),
+    ("SLO met", "slo_attainment", "{:.1%}"),
     ("preemptions", "preemptions", "{:.0f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
     ("swap-out MB", "swap_out_bytes", "{:.1f}"), ("reuse-saved blocks", "reuse_saved_blocks", "{:.0f}"),
     ("stall s", "stall_s", "{:.2f}"),
@@ -32,7 +35,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(records: list[RequestRecord], duration_s: float, counters: dict[str, float | None],
-              slo_ttft: float | None = None, slo_tbt: float | None = None) -> dict:
+              slo: SLO | None = None) -> dict:
     ttft = [r.ttft_s for r in records]
     tbt = [gap for r in records for gap in r.tbt_s]
     output_tokens = sum(r.output_tokens for r in records)
@@ -40,8 +43,9 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
                "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else None}
     summary |= {f"ttft_{name}": percentile(ttft, q) for name, q in PERCENTILES.items()}
     summary |= {f"tbt_{name}": percentile(tbt, q) for name, q in PERCENTILES.items() if name != "p95"}
-    met = [r for r in records if _meets(r, slo_ttft, slo_tbt)]
-    summary |= {"slo_ttft": slo_ttft, "slo_tbt": slo_tbt, "slo_attainment": len(met) / len(records) if records else None,
+    slo = slo or SLO.parse()
+    met = [r for r in records if _meets(r, slo)]
+    summary |= {"slo_attainment": len(met) / len(records) if records else None,
                 "goodput_req_s": len(met) / duration_s if duration_s > 0 else None}
     by_priority = defaultdict(list)
     for r in records:
@@ -49,16 +53,14 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
             by_priority[r.priority].append(r)
     levels = sorted(by_priority.items())
     summary["ttft_p99_by_priority"] = {str(p): percentile([r.ttft_s for r in v], 99) for p, v in levels}
-    summary["slo_attainment_by_priority"] = {str(p): sum(_meets(r, slo_ttft, slo_tbt) for r in v) / len(v)
-                                             for p, v in levels}
+    summary["slo_attainment_by_priority"] = {str(p): sum(_meets(r, slo) for r in v) / len(v) for p, v in levels}
     summary["lowest_level_ttft_p99"] = percentile([r.ttft_s for r in levels[-1][1]], 99) if levels else None
     summary["jain_index"] = jain_index(records)
     return summary | {key: counters.get(key) for key in COUNTERS}
 
 
-def _meets(r: RequestRecord, slo_ttft: float | None, slo_tbt: float | None) -> bool:
-    mean_tbt = sum(r.tbt_s) / len(r.tbt_s) if r.tbt_s else 0.0
-    return (slo_ttft is None or r.ttft_s <= slo_ttft) and (slo_tbt is None or mean_tbt <= slo_tbt)
+def _meets(r: RequestRecord, slo: SLO) -> bool:
+    return all(slo.met(r.priority or 0, r.ttft_s, r.tbt_s))
 
 
 def jain_index(records: list[RequestRecord]) -> float | None:
@@ -101,7 +103,7 @@ def _ratio(a: float | None, b: float | None, fmt: str) -> str:
 
 
 def plot(runs: list[dict], out_dir: Path) -> list[Path]:
-    """TTFT CDFs, tail-latency bars and swap traffic, one PNG each."""
+    """TTFT CDFs, tail-latency bars, swap traffic and per-priority-level P99 TTFT and SLO attainment."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,6 +140,21 @@ def plot(runs: list[dict], out_dir: Path) -> list[Path]:
     ax.tick_params(axis="x", rotation=20)
     ax.legend()
     paths.append(_save(fig, out_dir / "swap_bytes.png"))
+
+    levels = sorted({p for run in runs for p in run["summary"].get("ttft_p99_by_priority", {})}, key=int)
+    if levels:
+        fig, (ttft_ax, slo_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for i, run in enumerate(runs):
+            s, x = run["summary"], np.arange(len(levels)) + i * width
+            ttft_ax.bar(x, [s["ttft_p99_by_priority"].get(p) or 0 for p in levels], width, label=run["label"])
+            slo_ax.bar(x, [100 * (s["slo_attainment_by_priority"].get(p) or 0) for p in levels], width,
+                       label=run["label"])
+        for ax in (ttft_ax, slo_ax):
+            ax.set_xticks(np.arange(len(levels)) + width * (len(runs) - 1) / 2, [f"priority {p}" for p in levels])
+        ttft_ax.set(yscale="log", ylabel="seconds", title="P99 TTFT by priority level (lower is better)")
+        slo_ax.set(ylabel="% of requests", ylim=(0, 100), title="SLO attainment by priority level")
+        ttft_ax.legend()
+        paths.append(_save(fig, out_dir / "priority_levels.png"))
     return paths
 
 

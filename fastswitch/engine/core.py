@@ -11,6 +11,7 @@ import logging
 import torch
 
 from fastswitch.config import CPU_KV_CACHE_BYTES, DTYPES, GPU_KV_CACHE_FRACTION, EngineConfig
+from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import make_policy
 from fastswitch.engine.scheduler import Scheduler
 from fastswitch.interfaces import Clock, CopyEngine, Executor, MonotonicClock
@@ -37,12 +38,10 @@ class EngineCore:
         self.description = ""  # for the log: model, dtype, device, attention, KV blocks
         self.kv = KVManager(limits.num_kv_blocks, num_host_blocks, config.block_size, stats, swapper,
                             config.enable_prefix_caching, config.block_groups, config.kv_reuse, self.clock)
-        policy = make_policy(config.policy, config.seed, config.trace_pattern, config.trace_update_freq,
-                             config.trace_levels, config.vtc_input_weight, config.vtc_output_weight,
-                             config.user_weights(), config.priority_aging)
+        costs = CostModel(block_bytes=swapper.block_bytes)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode,
-                                   policy, config.thrash_guard, eos_token_ids, limits.max_model_len, self.clock)
-        self.scheduler.costs.block_bytes = swapper.block_bytes
+                                   make_policy(config, self.clock, costs), config.thrash_guard, eos_token_ids,
+                                   limits.max_model_len, self.clock, costs)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
@@ -63,7 +62,7 @@ class EngineCore:
         swapper = SwapManager(runner.kv.data, host_kv.data, config.swap_mode, stats, config.async_swap)
         limits = Limits(max_model_len, model.vocab_size, num_blocks, config.block_size)
         core = cls(config, runner, swapper, stats, limits, num_host_blocks, model.eos_token_ids)
-        if config.preemption_mode == "auto":
+        if config.preemption_mode == "auto" or config.policy == "slo":
             core.scheduler.costs.copy_bytes_per_s = swapper.measure_bandwidth()
         core.description = (f"{model.arch}, {dtype} on {device}, {runner.attention.name} attention, {num_blocks} KV "
                             f"blocks of {config.block_size} tokens ({num_host_blocks} on the host), context limit "
@@ -117,7 +116,7 @@ class EngineCore:
             return CoreOutputs(self.clock.now(), [])
         outputs = self.scheduler.update_from_output(step, model)
         self.swapper.start(self.kv.take_copies())  # write-backs of the requests that just finished
-        self.scheduler.costs.observe_prefill(step.num_scheduled_tokens, model_time)
+        self.scheduler.costs.observe_step(step.num_scheduled_tokens, model_time)
         self.stats.iterations += 1
         self.stats.model_time_s += model_time
         now = self.clock.now()

@@ -9,6 +9,7 @@
   active users; the user with the smallest counter goes first. Unlike the original (admission only),
   it may preempt, but only a user behind by more than VTC_PREEMPT_MARGIN. Inside a user's share, the
   request's priority orders (and may preempt) that user's own requests.
+- `slo`: earliest deadline first against per-level latency targets, for goodput (see SLOPolicy).
 - `trace`: FastSwitch's evaluation: each request's priority is re-drawn every iteration with
   probability `update_freq`, from a seeded generator: `random` draws a new level uniformly, `markov`
   moves one level up or down.
@@ -17,9 +18,14 @@
 import random
 from collections import defaultdict
 
+from fastswitch.config import EngineConfig
+from fastswitch.engine.costs import CostModel
+from fastswitch.interfaces import Clock
 from fastswitch.request import Request
+from fastswitch.slo import SLO
 
-POLICIES = ("fcfs", "priority", "vtc", "trace")
+POLICIES = ("fcfs", "priority", "vtc", "slo", "trace")
+LATE_DEMOTION = 2.0  # slo: how far back, in its own targets, a request that cannot make its deadline ranks
 VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt
 TRACE_PATTERNS = ("random", "markov")
 
@@ -42,6 +48,10 @@ class Policy:
     def preempts(self, request: Request, victim: Request) -> bool:
         """Whether `request`, ranked above `victim`, may take its place."""
         return True
+
+    def guarded(self, request: Request) -> bool:
+        """Whether a running request is safe from preemption for now, whoever outranks it."""
+        return False
 
 
 class PriorityPolicy(Policy):
@@ -98,6 +108,46 @@ class VTCPolicy(Policy):
         return self.counters[victim.user] - self.counters[request.user] > VTC_PREEMPT_MARGIN
 
 
+class SLOPolicy(Policy):
+    """Earliest deadline first, by slack, for goodput. Every unfinished request has a deadline for its
+    next token: arrival + its level's TTFT target for the first, its last token + its level's TBT
+    target after that. It ranks by the latest time it can start and still meet it (the deadline less
+    the estimated time to its next token: copy-in, compute, a step; `CostModel`), so preemption, which
+    takes the lowest-ranked first, pauses the request with the most slack. A request that can no
+    longer meet its deadline ranks at the deadline plus LATE_DEMOTION targets instead (goodput): behind
+    every request of its level that can still meet its own, and it ages, outranking any request due
+    later than that. A rank is thus never later than the last token (or arrival) + (1 + LATE_DEMOTION)
+    targets, and a request is outranked only by requests due before that, which bounds its wait under
+    any overload. A request resumed less than 1 / `max_preemptions_per_s` seconds ago is not preempted
+    again (the thrash guard)."""
+
+    name = "slo"
+
+    def __init__(self, slo: SLO, clock: Clock, costs: CostModel, max_preemptions_per_s: float = 4.0):
+        self.slo, self.clock, self.costs = slo, clock, costs
+        self.min_resident_s = 1 / max_preemptions_per_s
+        self.now = clock.now()
+
+    def on_iteration(self, requests: list[Request]) -> None:
+        self.now = self.clock.now()
+
+    def deadline(self, request: Request) -> tuple[float, float]:
+        """When its next token is due, and the target that set it."""
+        if request.last_token_time is None:
+            target = self.slo.ttft(request.priority)
+            return request.metrics.arrival_time + target, target
+        target = self.slo.tbt(request.priority)
+        return request.last_token_time + target, target
+
+    def key(self, request: Request) -> tuple:
+        deadline, target = self.deadline(request)
+        latest_start = deadline - self.costs.next_token_s(request)
+        return (latest_start if self.now <= latest_start else deadline + LATE_DEMOTION * target, request.seq)
+
+    def guarded(self, request: Request) -> bool:
+        return self.now - request.resumed_at < self.min_resident_s
+
+
 class TracePolicy(PriorityPolicy):
     name = "trace"
 
@@ -127,15 +177,16 @@ class TracePolicy(PriorityPolicy):
             self.changes.append((self.iteration, request.request_id, request.priority))
 
 
-def make_policy(name: str, seed: int = 0, trace_pattern: str = "random", trace_update_freq: float = 0.04,
-                trace_levels: int = 4, vtc_input_weight: float = 1.0, vtc_output_weight: float = 2.0,
-                vtc_user_weights: dict[str, float] | None = None, priority_aging: float = 0.0) -> Policy:
+def make_policy(config: EngineConfig, clock: Clock, costs: CostModel) -> Policy:
+    name = config.policy
     if name == "fcfs":
         return Policy()
     if name == "priority":
-        return PriorityPolicy(priority_aging)
+        return PriorityPolicy(config.priority_aging)
     if name == "vtc":
-        return VTCPolicy(vtc_input_weight, vtc_output_weight, vtc_user_weights)
+        return VTCPolicy(config.vtc_input_weight, config.vtc_output_weight, config.user_weights())
+    if name == "slo":
+        return SLOPolicy(config.slo(), clock, costs)
     if name == "trace":
-        return TracePolicy(trace_pattern, trace_update_freq, trace_levels, seed)
+        return TracePolicy(config.trace_pattern, config.trace_update_freq, config.trace_levels, config.seed)
     raise ValueError(f"invalid policy {name!r}; choose from {', '.join(POLICIES)}")

@@ -11,12 +11,12 @@ ranking, best first, each request gets what it needs to make progress:
 
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
 preempted, lowest first, only as many as needed (even one given its decode earlier in the same
-iteration), except those resumed within the last `thrash_guard` iterations. A paused or waiting
-request that still does not fit blocks everyone ranked below it from starting, so a large
-high-ranked request is not starved by small ones. Preemption is by swap (KV to the host), by
-recomputation (KV dropped), or `auto`: whichever is cheaper, from the
-measured copy bandwidth and prefill speed. A request whose KV is still being copied in is not
-preempted.
+iteration), except those resumed within the last `thrash_guard` iterations and those the policy
+guards (`slo`: resumed too few seconds ago). A paused or waiting request that still does not fit
+blocks everyone ranked below it from starting, so a large high-ranked request is not starved by
+small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
+whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`). A request
+whose KV is still being copied in is not preempted.
 
 `schedule()` returns the step as plain data (`SchedulerOutput`: who computes how many tokens, with
 which blocks, and the copies to make first); `update_from_output()` takes the sampled tokens back
@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import Policy
 from fastswitch.interfaces import Clock, MonotonicClock
 from fastswitch.kv.manager import KVManager
@@ -49,37 +50,18 @@ class _Plan:
     preempted: list[Request] = field(default_factory=list)
 
 
-@dataclass
-class CostModel:
-    """What `auto` preemption weighs: moving KV both ways against computing it again."""
-
-    block_bytes: int = 0
-    copy_bytes_per_s: float = 10e9  # replaced by a measurement at start-up
-    prefill_tokens_per_s: float = 1000.0  # replaced by measurements as the engine runs
-
-    def swap_s(self, request: Request, block_size: int) -> float:
-        stale = len(request.block_ids) - request.host_tokens // block_size  # to copy out
-        return (stale + len(request.block_ids)) * self.block_bytes / self.copy_bytes_per_s  # out, then back in
-
-    def recompute_s(self, request: Request) -> float:
-        return request.num_computed_tokens / self.prefill_tokens_per_s
-
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens >= 64 and seconds > 0:
-            self.prefill_tokens_per_s = 0.8 * self.prefill_tokens_per_s + 0.2 * tokens / seconds
-
-
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption_mode: str = "recompute", policy: Policy | None = None, thrash_guard: int = 0,
-                 eos_token_ids: tuple[int, ...] = (), max_model_len: int = 1 << 62, clock: Clock | None = None):
+                 eos_token_ids: tuple[int, ...] = (), max_model_len: int = 1 << 62, clock: Clock | None = None,
+                 costs: CostModel | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"invalid preemption_mode {preemption_mode!r}; choose from {', '.join(PREEMPTION_MODES)}")
         self.kv, self.preemption_mode, self.policy = kv, preemption_mode, policy or Policy()
         self.max_num_seqs, self.max_num_batched_tokens, self.thrash_guard = max_num_seqs, max_num_batched_tokens, thrash_guard
         self.eos_token_ids, self.max_model_len = frozenset(eos_token_ids), max_model_len
         self.clock = clock or MonotonicClock()
-        self.costs = CostModel()
+        self.costs = costs or CostModel()
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -170,7 +152,7 @@ class Scheduler:
         """After the forward: account the computed tokens, append the sampled ones, finish who is done."""
         sampled = {rid: (token, logprobs) for rid, token, logprobs in zip(model.request_ids, model.token_ids,
                                                                           model.logprobs)}
-        outputs, stats = [], self.kv.stats
+        outputs, stats, now = [], self.kv.stats, self.clock.now()
         for s in step.scheduled:
             request = self.requests[s.request_id]
             request.num_computed_tokens += s.num_new_tokens
@@ -181,6 +163,7 @@ class Scheduler:
                 continue
             token, logprobs = sampled[s.request_id]
             request.token_ids.append(token)
+            request.last_token_time = now
             stats.generated_tokens += 1
             reason, stop = self._stop_check(request)
             if reason is not None:
@@ -281,8 +264,9 @@ class Scheduler:
         if request.status == Status.SWAPPED:
             self.swapped.remove(request)
         if request.paused_at is not None:  # coming back from a preemption
-            request.metrics.paused_s += self.clock.now() - request.paused_at
-            request.paused_at, request.resumed_iteration = None, self.iteration
+            now = self.clock.now()
+            request.metrics.paused_s += now - request.paused_at
+            request.paused_at, request.resumed_iteration, request.resumed_at = None, self.iteration, now
         request.status = Status.RUNNING
         self.running.append(request)
 
@@ -310,7 +294,7 @@ class Scheduler:
         return True
 
     def _unguarded(self, request: Request) -> bool:
-        return self.iteration - request.resumed_iteration > self.thrash_guard
+        return self.iteration - request.resumed_iteration > self.thrash_guard and not self.policy.guarded(request)
 
     def _take_back(self, request: Request, taken: set[int], out: _Plan) -> None:
         """Undo scheduling `request` earlier in this iteration (a decode served before its turn)."""

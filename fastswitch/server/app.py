@@ -83,7 +83,7 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
 
     app = FastAPI(title="FastSwitch", version=fastswitch.__version__, lifespan=lifespan)
     app.add_middleware(LimitsAndAuth, config=config)
-    metrics = Metrics(lambda: engine.snapshot)
+    metrics = Metrics(lambda: engine.snapshot, engine.config.slo())
     app.state.engine, app.state.metrics = engine, metrics
 
 

@@ -41,6 +41,7 @@ class EngineDeadError(RuntimeError):
 
 class EngineCoreClient:
     def __init__(self, config: EngineConfig, log_level: str = "warning"):
+        self.config = config
         self.tokenizer = Tokenizer(config.model or default_model_path())  # a bad model folder fails here, at once
         self._dir = tempfile.mkdtemp(prefix="fastswitch-")
         addresses = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"

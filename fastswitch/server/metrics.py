@@ -1,5 +1,6 @@
 """Prometheus metrics, `fastswitch:` names. Engine counters and gauges come from the latest snapshot
-the engine core published; latency histograms are observed here as requests finish."""
+the engine core published; latency histograms and SLO attainment (against the per-level targets of
+`--slo-ttft` / `--slo-tbt`) are observed here as requests finish."""
 
 from collections.abc import Callable
 
@@ -8,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastswitch.engine.outputs import RequestOutput
 from fastswitch.messages import Snapshot
+from fastswitch.slo import SLO
 from fastswitch.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -58,8 +60,8 @@ class EngineCollector:
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], Snapshot | None]):
-        self.registry = CollectorRegistry()
+    def __init__(self, snapshot: Callable[[], Snapshot | None], slo: SLO):
+        self.registry, self.slo = CollectorRegistry(), slo
         self.prompt_tokens = {"total": 0}
         self.registry.register(EngineCollector(snapshot, self.prompt_tokens))
         self.ttft = Histogram("fastswitch:time_to_first_token_seconds", "Time to first token", ["priority"],
@@ -72,6 +74,11 @@ class Metrics:
                                 ["priority"], buckets=(0, *LATENCY_BUCKETS), registry=self.registry)
         self.preempted = Counter("fastswitch:request_preemptions", "Preemptions of finished requests, by priority",
                                  ["priority"], registry=self.registry)
+        self.attained = Counter("fastswitch:slo_attained", "Finished requests within their level's target, by kind "
+                                "(ttft: time to first token; tbt: mean time between tokens)", ["priority", "kind"],
+                                registry=self.registry)
+        self.missed = Counter("fastswitch:slo_missed", "Finished requests past their level's target, by kind",
+                              ["priority", "kind"], registry=self.registry)
 
     def observe(self, out: RequestOutput, priority: int) -> None:
         m, label = out.metrics, str(priority)
@@ -84,3 +91,8 @@ class Metrics:
             self.e2e.labels(label).observe(m.finish_time - m.arrival_time)
         self.paused.labels(label).observe(m.paused_s)
         self.preempted.labels(label).inc(m.num_preemptions)
+        if m.first_token_time is not None:
+            gaps = [later - earlier for earlier, later in zip(m.token_times, m.token_times[1:])]
+            met = self.slo.met(priority, m.first_token_time - m.arrival_time, gaps)
+            for kind, ok in zip(("ttft", "tbt"), met):
+                (self.attained if ok else self.missed).labels(label, kind).inc()

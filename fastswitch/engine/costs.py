@@ -1,0 +1,36 @@
+"""What the scheduler knows of the engine's speed, measured as it runs: a step, a prefill token, a
+copied byte. `auto` preemption weighs swapping against recomputing with it; the `slo` policy
+estimates how soon each request could have its next token."""
+
+from dataclasses import dataclass
+
+from fastswitch.request import Request, Status
+
+
+@dataclass
+class CostModel:
+    block_bytes: int = 0
+    copy_bytes_per_s: float = 10e9  # replaced by a measurement at start-up
+    prefill_tokens_per_s: float = 1000.0  # replaced by measurements as the engine runs
+    step_s: float = 0.0  # a step of the model, measured as the engine runs
+
+    def swap_s(self, request: Request, block_size: int) -> float:
+        stale = len(request.block_ids) - request.host_tokens // block_size  # to copy out
+        return (stale + len(request.block_ids)) * self.block_bytes / self.copy_bytes_per_s  # out, then back in
+
+    def recompute_s(self, request: Request) -> float:
+        return request.num_computed_tokens / self.prefill_tokens_per_s
+
+    def next_token_s(self, request: Request) -> float:
+        """From now until the request could have its next token: its KV copied back if paused, the
+        tokens it has no KV for computed, and one step."""
+        copy_in = len(request.host_block_ids) * self.block_bytes / self.copy_bytes_per_s
+        to_compute = request.num_tokens - request.num_computed_tokens - 1
+        return (copy_in if request.status == Status.SWAPPED else 0.0) + to_compute / self.prefill_tokens_per_s + self.step_s
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self.step_s = 0.8 * self.step_s + 0.2 * seconds if self.step_s else seconds
+        if tokens >= 64:
+            self.prefill_tokens_per_s = 0.8 * self.prefill_tokens_per_s + 0.2 * tokens / seconds
