@@ -48,7 +48,8 @@ class Request:
         self.paused_at: float | None = None  # when it was last preempted, while it is
         self.resumed_iteration = -(1 << 30)  # scheduler iteration of its last resumption (thrash guard)
         self.resumed_at = float("-inf")  # and its time
-        self.last_token_time: float | None = None  # when the core sampled its latest token
+        self.first_token_time: float | None = None  # when the core sampled its first token
+        self.last_token_time: float | None = None  # and its latest
         self.preempted_iteration = -(1 << 30)  # and of its last preemption
         self.prompt_tokens_served = 0  # prompt tokens charged to its user's share (vtc), recomputation excluded
         self.token_ids = list(prompt_token_ids)  # prompt, then every generated token

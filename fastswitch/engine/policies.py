@@ -25,7 +25,8 @@ from fastswitch.request import Request
 from fastswitch.slo import SLO
 
 POLICIES = ("fcfs", "priority", "vtc", "slo", "trace")
-LATE_DEMOTION = 2.0  # slo: how far back, in its own targets, a request that cannot make its deadline ranks
+PREEMPT_HORIZON = 0.25  # slo: a request preempts within this many TTFT targets of its latest start
+LATE_DEMOTION = 1.0  # slo: how far back, in TTFT targets of its level, a request that cannot make its deadline ranks
 VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt
 TRACE_PATTERNS = ("random", "markov")
 
@@ -110,16 +111,20 @@ class VTCPolicy(Policy):
 
 class SLOPolicy(Policy):
     """Earliest deadline first, by slack, for goodput. Every unfinished request has a deadline for its
-    next token: arrival + its level's TTFT target for the first, its last token + its level's TBT
-    target after that. It ranks by the latest time it can start and still meet it (the deadline less
-    the estimated time to its next token: copy-in, compute, a step; `CostModel`), so preemption, which
+    next token. The first is due at arrival + its level's TTFT target. Token k after it is due on the
+    schedule that keeps the mean time between tokens within the level's TBT target (first token +
+    k targets), but never later than the last token + the TTFT target: a request ahead of schedule
+    has slack to yield, and a pause in a stream is held to the bound of a first token's wait.
+
+    It ranks by the latest time it can start and still meet its deadline (the deadline less the
+    estimated time to its next token: copy-in, compute, a step; `CostModel`), so preemption, which
     takes the lowest-ranked first, pauses the request with the most slack. A request that can no
-    longer meet its deadline ranks at the deadline plus LATE_DEMOTION targets instead (goodput): behind
-    every request of its level that can still meet its own, and it ages, outranking any request due
-    later than that. A rank is thus never later than the last token (or arrival) + (1 + LATE_DEMOTION)
-    targets, and a request is outranked only by requests due before that, which bounds its wait under
-    any overload. A request resumed less than 1 / `max_preemptions_per_s` seconds ago is not preempted
-    again (the thrash guard)."""
+    longer meet its deadline ranks at the deadline plus LATE_DEMOTION TTFT targets instead (goodput):
+    behind the requests of its level that can still meet theirs, and it ages, outranking any
+    request due later than that. A rank is thus never later than the last token (or arrival) +
+    (1 + LATE_DEMOTION) TTFT targets, and a request is outranked only by requests due before that,
+    which bounds its wait under any overload. A request resumed less than 1 / `max_preemptions_per_s`
+    seconds ago is not preempted again (the thrash guard)."""
 
     name = "slo"
 
@@ -131,18 +136,25 @@ class SLOPolicy(Policy):
     def on_iteration(self, requests: list[Request]) -> None:
         self.now = self.clock.now()
 
-    def deadline(self, request: Request) -> tuple[float, float]:
-        """When its next token is due, and the target that set it."""
-        if request.last_token_time is None:
-            target = self.slo.ttft(request.priority)
-            return request.metrics.arrival_time + target, target
-        target = self.slo.tbt(request.priority)
-        return request.last_token_time + target, target
+    def deadline(self, request: Request) -> float:
+        """When its next token is due."""
+        ttft = self.slo.ttft(request.priority)
+        if request.first_token_time is None:
+            return request.metrics.arrival_time + ttft
+        on_schedule = request.first_token_time + request.num_output_tokens * self.slo.tbt(request.priority)
+        return min(on_schedule, request.last_token_time + ttft)
 
     def key(self, request: Request) -> tuple:
-        deadline, target = self.deadline(request)
+        deadline = self.deadline(request)
         latest_start = deadline - self.costs.next_token_s(request)
-        return (latest_start if self.now <= latest_start else deadline + LATE_DEMOTION * target, request.seq)
+        if self.now <= latest_start:
+            return (latest_start, request.seq)
+        return (deadline + LATE_DEMOTION * self.slo.ttft(request.priority), request.seq)
+
+    def preempts(self, request: Request, victim: Request) -> bool:
+        """Only a request about to miss its latest start takes a running one's place; until then it waits
+        for memory to free up as requests finish, which most often comes in time and costs no copies."""
+        return self.key(request)[0] - self.now <= PREEMPT_HORIZON * self.slo.ttft(request.priority)
 
     def guarded(self, request: Request) -> bool:
         return self.now - request.resumed_at < self.min_resident_s

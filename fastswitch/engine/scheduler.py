@@ -164,6 +164,7 @@ class Scheduler:
             token, logprobs = sampled[s.request_id]
             request.token_ids.append(token)
             request.last_token_time = now
+            request.first_token_time = request.first_token_time or now
             stats.generated_tokens += 1
             reason, stop = self._stop_check(request)
             if reason is not None:
