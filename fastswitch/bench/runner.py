@@ -130,7 +130,9 @@ def _offline_record(out: RequestOutput, c: Conversation, turn: int, priority: in
 async def run_http(url: str, conversations: list[Conversation], priorities: str = "none", levels: int = 4,
                    seed: int = 0, progress: bool = True) -> tuple[list[RequestRecord], float]:
     """Every turn of every conversation against the server at `url` (its /v1 base)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # Idle connections are dropped before the server's keep-alive timeout (uvicorn's: 5 s) can close one
+    # just as a request goes out on it, which fails that request with a ReadError.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=None, limits=limits) as client:
         model = (await _get_json(client, "/models"))["data"][0]["id"]
         records: list[RequestRecord] = []

@@ -25,7 +25,8 @@ from fastswitch.request import Request
 from fastswitch.slo import SLO
 
 POLICIES = ("fcfs", "priority", "vtc", "slo", "trace")
-PREEMPT_HORIZON = 0.25  # slo: a request preempts within this many TTFT targets of its latest start
+PAUSE_LIMIT = 4.0  # slo: the longest pause in a stream, in TTFT targets of its level
+PREEMPT_HORIZON = 1.0  # slo: a request preempts within this many TTFT targets of its latest start
 LATE_DEMOTION = 1.0  # slo: how far back, in TTFT targets of its level, a request that cannot make its deadline ranks
 VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt
 TRACE_PATTERNS = ("random", "markov")
@@ -111,20 +112,22 @@ class VTCPolicy(Policy):
 
 class SLOPolicy(Policy):
     """Earliest deadline first, by slack, for goodput. Every unfinished request has a deadline for its
-    next token. The first is due at arrival + its level's TTFT target. Token k after it is due on the
-    schedule that keeps the mean time between tokens within the level's TBT target (first token +
-    k targets), but never later than the last token + the TTFT target: a request ahead of schedule
-    has slack to yield, and a pause in a stream is held to the bound of a first token's wait.
+    next token. The first is due at arrival + its level's TTFT target (T). Token k after it is due on
+    the schedule that keeps the mean time between tokens within the level's TBT target (first token +
+    k TBT targets), but never later than the last token + PAUSE_LIMIT T: a stream ahead of schedule
+    has slack to yield, and a pause in it is bounded.
 
     It ranks by the latest time it can start and still meet its deadline (the deadline less the
     estimated time to its next token: copy-in, compute, a step; `CostModel`), so preemption, which
-    takes the lowest-ranked first, pauses the request with the most slack. A request that can no
-    longer meet its deadline ranks at the deadline plus LATE_DEMOTION TTFT targets instead (goodput):
-    behind the requests of its level that can still meet theirs, and it ages, outranking any
-    request due later than that. A rank is thus never later than the last token (or arrival) +
-    (1 + LATE_DEMOTION) TTFT targets, and a request is outranked only by requests due before that,
-    which bounds its wait under any overload. A request resumed less than 1 / `max_preemptions_per_s`
-    seconds ago is not preempted again (the thrash guard)."""
+    takes the lowest-ranked first, pauses the request with the most slack. A request takes a running
+    one's place only with at most PREEMPT_HORIZON T of slack left (a new arrival always has less; a
+    paused stream well ahead of schedule waits for memory to free up instead). A request that can no
+    longer meet its deadline ranks at the deadline + LATE_DEMOTION T instead (goodput): behind the
+    requests of its level already waiting that can still meet theirs, and it ages, outranking any
+    request due later than that. A rank is thus never later than arrival + (1 + LATE_DEMOTION) T for
+    a first token, the last token + (PAUSE_LIMIT + LATE_DEMOTION) T after, and a request is outranked
+    only by requests due before that, which bounds its wait under any overload. A request resumed
+    less than 1 / `max_preemptions_per_s` seconds ago is not preempted again (the thrash guard)."""
 
     name = "slo"
 
@@ -142,7 +145,7 @@ class SLOPolicy(Policy):
         if request.first_token_time is None:
             return request.metrics.arrival_time + ttft
         on_schedule = request.first_token_time + request.num_output_tokens * self.slo.tbt(request.priority)
-        return min(on_schedule, request.last_token_time + ttft)
+        return min(on_schedule, request.last_token_time + PAUSE_LIMIT * ttft)
 
     def key(self, request: Request) -> tuple:
         deadline = self.deadline(request)
@@ -152,8 +155,7 @@ class SLOPolicy(Policy):
         return (deadline + LATE_DEMOTION * self.slo.ttft(request.priority), request.seq)
 
     def preempts(self, request: Request, victim: Request) -> bool:
-        """Only a request about to miss its latest start takes a running one's place; until then it waits
-        for memory to free up as requests finish, which most often comes in time and costs no copies."""
+        """Only a request with no more slack than a new arrival takes a running one's place."""
         return self.key(request)[0] - self.now <= PREEMPT_HORIZON * self.slo.ttft(request.priority)
 
     def guarded(self, request: Request) -> bool:
