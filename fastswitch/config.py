@@ -27,8 +27,9 @@ class EngineConfig:
     block_size: int = _opt(16, "tokens per KV block")
     attention_backend: str = _opt("auto", "'cpu': a compiled kernel that reads the paged KV in place (built for this "
                                           "CPU on first use); 'torch': the reference, which gathers and pads; "
+                                          "'triton': a Triton kernel for CUDA that reads the pool in place; "
                                           "'auto': cpu on a CPU when it builds, else torch",
-                                  choices=["auto", "cpu", "torch"])
+                                  choices=["auto", "cpu", "torch", "triton"])
     max_model_len: int | None = _opt(None, "context limit (prompt + output); default: the model's")
     max_num_seqs: int = _opt(256, "most requests in one iteration's batch")
     max_num_batched_tokens: int = _opt(2048, "token budget of one iteration; longer prompts are prefilled in chunks")

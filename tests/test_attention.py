@@ -138,11 +138,14 @@ def test_auto_falls_back_to_the_reference_without_a_compiler(tmp_path):
     assert result.stderr.count("CPU attention kernel unavailable") == 1
 
 
-def test_backend_choice():
+def test_backend_choice(monkeypatch):
     assert select_backend("torch", torch.device("cpu")).name == "torch"
     assert select_backend("auto", torch.device("cpu")).name == "cpu"
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_backend("flash", torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="'triton' runs on CUDA"):
+        select_backend("triton", torch.device("cpu"))
 
 
 def test_dtype_auto_follows_what_the_cpu_computes_natively(monkeypatch):

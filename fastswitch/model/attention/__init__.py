@@ -8,16 +8,19 @@ its whole context (cached tokens plus the new ones, causal inside a prefill chun
 - `torch_ref.py`: the reference in plain torch (gathers the blocks, pads decodes); the oracle and the
   fallback.
 - `cpu.py`: a C++ kernel that reads the block-major pool in place through the block table.
+- `triton_paged.py`: a Triton kernel for CUDA that does the same (on a CPU only under
+  TRITON_INTERPRET=1, for the tests).
 """
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpu", "torch")
+BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
 @dataclass
@@ -39,6 +42,8 @@ def select_backend(name: str, device: torch.device):
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"attention backend 'cpu' runs on the CPU, not on {device.type}")
+    if name == "triton":
+        return _triton(device)
     if name == "torch" or device.type != "cpu":
         return torch_ref.TorchAttention(device)
     if cpu.load_kernel():
@@ -46,3 +51,13 @@ def select_backend(name: str, device: torch.device):
     if name == "cpu":
         raise RuntimeError("attention backend 'cpu': the kernel could not be built here (see the log)")
     return torch_ref.TorchAttention(device)
+
+
+def _triton(device: torch.device):
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention backend 'triton' runs on CUDA (on a CPU only under TRITON_INTERPRET=1)")
+    try:
+        from fastswitch.model.attention.triton_paged import TritonAttention
+    except ImportError as e:
+        raise ValueError(f"attention backend 'triton' needs the triton package ({e})") from None
+    return TritonAttention(device)
