@@ -45,13 +45,13 @@ def _paged_attention(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, 
             k = tl.load(k_cache_ptr + block * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :])
             v = tl.load(v_cache_ptr + block * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims[None, :])
             k_pos = b * BLOCK_SIZE + slots
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale  # fp32: no TF32
             s = tl.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < context), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
             m = m_new
         out = acc / total[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
