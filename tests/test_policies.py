@@ -407,7 +407,7 @@ def test_slo_thrash_guard_bounds_preemptions_per_request_per_second(sizes, num_b
         clock.t += 0.01
     assert not s.has_unfinished()
     for r in requests:
-        lifetime = r.metrics.finish_time - r.metrics.first_scheduled_time
+        lifetime = r.metrics.finish_time - r.metrics.arrival_time  # it may hold a seat before it first computes
         assert r.metrics.num_preemptions <= 1 + lifetime / policy.min_resident_s + 1e-9
 
 
