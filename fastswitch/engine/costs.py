@@ -26,7 +26,8 @@ class CostModel:
         tokens it has no KV for computed, and one step."""
         copy_in = len(request.host_block_ids) * self.block_bytes / self.copy_bytes_per_s
         to_compute = request.num_tokens - request.num_computed_tokens - 1
-        return (copy_in if request.status == Status.SWAPPED else 0.0) + to_compute / self.prefill_tokens_per_s + self.step_s
+        paused = copy_in if request.status == Status.SWAPPED else 0.0
+        return paused + to_compute / self.prefill_tokens_per_s + self.step_s
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         if seconds <= 0:

@@ -27,7 +27,7 @@ from fastswitch.slo import SLO
 POLICIES = ("fcfs", "priority", "vtc", "slo", "trace")
 PAUSE_LIMIT = 4.0  # slo: the longest pause in a stream, in TTFT targets of its level
 PREEMPT_HORIZON = 1.0  # slo: a request preempts within this many TTFT targets of its latest start
-LATE_DEMOTION = 1.0  # slo: how far back, in TTFT targets of its level, a request that cannot make its deadline ranks
+LATE_DEMOTION = 1.0  # slo: how far back, in its level's TTFT targets, a request that cannot make its deadline ranks
 VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt
 TRACE_PATTERNS = ("random", "markov")
 

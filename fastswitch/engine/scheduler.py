@@ -164,7 +164,8 @@ class Scheduler:
             token, logprobs = sampled[s.request_id]
             request.token_ids.append(token)
             request.last_token_time = now
-            request.first_token_time = request.first_token_time or now
+            if request.first_token_time is None:  # not `or`: a simulated clock may read 0.0
+                request.first_token_time = now
             stats.generated_tokens += 1
             reason, stop = self._stop_check(request)
             if reason is not None:

@@ -33,6 +33,11 @@ class StepBatch:
     slot_mapping: list[int]  # [T] block * block_size + offset of each new token's K/V
     block_size: int
 
+    def padded_block_table(self) -> torch.Tensor:
+        """int32 [B, max_blocks], padded with block 0 (never read past seq_lens)."""
+        width = max(len(t) for t in self.block_tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables], dtype=torch.int32)
+
 
 def select_backend(name: str, device: torch.device):
     """The backend for `name` on `device`; 'auto' is the CPU kernel on a CPU when it builds, else the reference."""

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastswitch.model.attention import StepBatch
@@ -68,13 +67,9 @@ class CpuAttention:
     name = "cpu"
 
     def prepare(self, batch: StepBatch) -> CpuMetadata:
-        width = max(len(t) for t in batch.block_tables)
-        table = np.zeros((len(batch.block_tables), width), dtype=np.int32)
-        for row, blocks in zip(table, batch.block_tables):
-            row[: len(blocks)] = blocks
         return CpuMetadata(
             slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.long),
-            block_table=torch.from_numpy(table),
+            block_table=batch.padded_block_table(),
             query_start_loc=torch.tensor(batch.query_start_loc, dtype=torch.int32),
             seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32),
         )

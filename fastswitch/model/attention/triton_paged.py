@@ -42,8 +42,10 @@ def _paged_attention(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, 
         last_block = (tl.minimum(context, context - n_q + chunk * BLOCK_M + BLOCK_M) + BLOCK_SIZE - 1) // BLOCK_SIZE
         for b in range(0, last_block):
             block = tl.load(block_table_ptr + seq * stride_bt + b).to(tl.int64)
-            k = tl.load(k_cache_ptr + block * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :])
-            v = tl.load(v_cache_ptr + block * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims[None, :])
+            k = tl.load(k_cache_ptr + block * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh
+                        + dims[None, :])
+            v = tl.load(v_cache_ptr + block * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh
+                        + dims[None, :])
             k_pos = b * BLOCK_SIZE + slots
             s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale  # fp32: no TF32
             s = tl.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < context), s, float("-inf"))
@@ -88,14 +90,11 @@ class TritonAttention:
         self.device = device
 
     def prepare(self, batch: StepBatch) -> TritonMetadata:
-        width = max(len(t) for t in batch.block_tables)
-        table = torch.zeros((len(batch.block_tables), width), dtype=torch.int32)
-        for row, blocks in zip(table, batch.block_tables):
-            row[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         slots = torch.tensor(batch.slot_mapping, dtype=torch.long)
         starts = batch.query_start_loc
         to = dict(device=self.device, non_blocking=True)
         return TritonMetadata(
-            (slots // batch.block_size).to(**to), (slots % batch.block_size).to(**to), table.to(**to),
+            (slots // batch.block_size).to(**to), (slots % batch.block_size).to(**to),
+            batch.padded_block_table().to(**to),
             torch.tensor(starts, dtype=torch.int32).to(**to), torch.tensor(batch.seq_lens, dtype=torch.int32).to(**to),
             max(b - a for a, b in zip(starts, starts[1:])))
