@@ -110,33 +110,70 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("dirs", nargs="+", help="folders that 'bench run --out' wrote; the first is the reference")
     compare.add_argument("--out", help="folder for the table and plots (default: the first folder's parent)")
     compare.set_defaults(func=_bench_compare)
+    _sim_parser(commands)
     return parser
 
 
 def _bench_run_parser(benches) -> None:
-    from fastswitch.bench.runner import PRESETS, PRIORITY_PATTERNS
-    from fastswitch.bench.workload import SyntheticSpec
-
     run = benches.add_parser(
         "run", help="the multi-turn conversation benchmark, offline or over HTTP",
         description="Run a multi-turn conversation workload (synthetic ShareGPT-like, or a ShareGPT JSON file) "
                     "under changing priorities, and write DIR/results.json: a summary (TTFT, TBT, throughput, "
                     "goodput, preemptions, swap traffic, reuse, stall), every request's record, and the "
                     "configuration. The preset sets the context-switching mechanisms; other engine options are yours.")
-    run.add_argument("--preset", default="fastswitch", choices=list(PRESETS),
-                     help="baseline: vLLM V0-style swaps; fastswitch: everything on; fastswitch-groups/-async/-reuse: "
-                          "that mechanism off; recompute: preempt by recomputation (default: fastswitch)")
-    run.add_argument("--out", required=True, help="folder to write results.json to")
-    run.add_argument("--label", help="the run's name in comparisons (default: the preset; 'server' with --url)")
     run.add_argument("--mode", default="offline", choices=["offline", "http"],
                      help="offline: drive the engine in this process; http: stream from a server (default: offline)")
     run.add_argument("--url", help="http mode: an OpenAI-compatible server's /v1 URL (default: start 'fastswitch "
                                    "serve' with the preset)")
-    run.add_argument("--priorities", default="markov", choices=PRIORITY_PATTERNS,
-                     help="how priorities change: offline, per iteration (trace policy, --trace-update-freq); over "
-                          "HTTP, per request, ranked by --policy priority (or slo or vtc, if given); none: the "
-                          "engine's --policy decides (default: markov)")
-    work = run.add_argument_group("workload")
+    _run_args(run, "how priorities change: offline, per iteration (trace policy, --trace-update-freq); over HTTP, "
+                   "per request, ranked by --policy priority (or slo or vtc, if given); none: the engine's --policy "
+                   "decides (default: markov)")
+    run.set_defaults(func=_bench_run)
+
+
+def _sim_parser(commands) -> None:
+    from fastswitch.sim.profiles import HARDWARE, LINKS, SHAPES
+
+    sim = commands.add_parser(
+        "sim", help="simulate a benchmark run: the real scheduler and KV manager on a modeled device",
+        description="Run 'bench run --mode offline' in simulated time: the engine's own scheduler, policies, "
+                    "allocators and KV manager, with a cost model of the device for each iteration and of the host "
+                    "link for each swap. Writes the same DIR/results.json (mode 'sim'). --model is a built-in shape "
+                    f"({', '.join(SHAPES)}) or a model folder (its config.json is enough); default: llama3-8b. "
+                    "'fastswitch sim calibrate' measures this machine into a profile.")
+    _run_args(sim, "how priorities change per iteration (trace policy, --trace-update-freq); none: the engine's "
+                   "--policy decides (default: markov)", out_required=False)
+    sim.add_argument("--profile", default="a10", help=f"hardware: {', '.join(HARDWARE)}, or a profile file that "
+                                                      "'sim calibrate' wrote (default: a10)")
+    sim.add_argument("--link", choices=list(LINKS), help="the host link instead of the profile's: pcie4 (25 GB/s each "
+                                                         "way) or pcie5 (50 GB/s)")
+    sim.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sim.set_defaults(func=_sim)
+    tools = sim.add_subparsers(metavar="calibrate")
+    calibrate = tools.add_parser(
+        "calibrate", help="measure this machine's engine into a hardware profile",
+        description="Time the real engine on this machine (iterations of many batch shapes: prefill chunks, decode "
+                    "batches over short and long contexts) and its swap manager (copies of many sizes, both modes), "
+                    "fit the simulator's cost model to them, and write the profile as JSON for 'fastswitch sim "
+                    "--profile FILE' (with the same --model and --dtype).")
+    calibrate.add_argument("--out", required=True, help="profile file to write (JSON)")
+    calibrate.add_argument("--name", help="the profile's name (default: calibrated-HOSTNAME)")
+    EngineConfig.add_cli_args(calibrate)
+    calibrate.set_defaults(func=_sim_calibrate)
+
+
+def _run_args(parser, priorities_help: str, out_required: bool = True) -> None:
+    """What `bench run` and `sim` share: preset, output, priorities, workload and the engine options."""
+    from fastswitch.bench.runner import PRESETS, PRIORITY_PATTERNS
+    from fastswitch.bench.workload import SyntheticSpec
+
+    parser.add_argument("--preset", default="fastswitch", choices=list(PRESETS),
+                        help="baseline: vLLM V0-style swaps; fastswitch: everything on; fastswitch-groups/-async/"
+                             "-reuse: that mechanism off; recompute: preempt by recomputation (default: fastswitch)")
+    parser.add_argument("--out", required=out_required, help="folder to write results.json to")
+    parser.add_argument("--label", help="the run's name in comparisons (default: the preset; 'server' with --url)")
+    parser.add_argument("--priorities", default="markov", choices=PRIORITY_PATTERNS, help=priorities_help)
+    work = parser.add_argument_group("workload")
     spec = SyntheticSpec()
     work.add_argument("--workload", default="synthetic", help="'synthetic', or a ShareGPT-format JSON file")
     work.add_argument("--conversations", type=int, default=spec.conversations, help=f"(default: {spec.conversations})")
@@ -150,8 +187,7 @@ def _bench_run_parser(benches) -> None:
     work.add_argument("--max-context", type=int, default=2048, help="tokens a conversation may reach (default: 2048)")
     work.add_argument("--users", type=int, default=spec.users, help=f"(default: {spec.users})")
     work.add_argument("--workload-seed", type=int, default=0, help="(default: 0)")
-    EngineConfig.add_cli_args(run)
-    run.set_defaults(func=_bench_run)
+    EngineConfig.add_cli_args(parser)
 
 
 def _demo_model(args) -> int:
@@ -206,32 +242,22 @@ def _bench_swap(args) -> int:
 
 def _bench_run(args) -> int:
     import asyncio
-    import dataclasses
-    import json
-    import platform
 
-    from fastswitch.bench import report, runner
+    from fastswitch.bench import runner
     from fastswitch.engine.engine import Engine
+    from fastswitch.model.config import ModelConfig
 
     if args.url and args.mode != "http":
         raise ValueError("--url needs --mode http")
-    for name in ("conversations", "rate", "input_mean", "output_mean", "max_context", "users"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    config = dataclasses.replace(EngineConfig.from_cli_args(args), **runner.PRESETS[args.preset])
-    if args.priorities != "none" and args.mode == "offline":  # the engine re-draws priorities
-        config = dataclasses.replace(config, policy="trace", trace_pattern=args.priorities)
-    elif args.priorities != "none" and config.policy in ("fcfs", "trace"):  # the client sends them; rank by them
-        config = dataclasses.replace(config, policy="priority")
-    conversations = _workload(args, config)
+    config = _run_config(args, offline=args.mode == "offline")
+    path = config.model or default_model_path()
+    max_position = config.max_model_len or ModelConfig.from_folder(path, need_weights=False).max_position_embeddings
+    conversations = _workload(args, max_position, path)
     label = args.label or ("server" if args.url else args.preset)
-    print(f"{label}: {len(conversations)} conversations, {sum(len(c.turns) for c in conversations)} requests, "
-          f"{args.mode}", flush=True)
+    _announce(label, conversations, args.mode)
     if args.mode == "offline":
         engine = Engine(config)
-        before = runner.engine_counters(engine.stats)
-        records, duration = runner.run_offline(engine, conversations)
-        counters = {k: v - before[k] for k, v in runner.engine_counters(engine.stats).items()}
+        records, duration, counters = _offline(engine, conversations)
     else:
         with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
             before = runner.server_counters(url)
@@ -239,37 +265,113 @@ def _bench_run(args) -> int:
                                                             args.workload_seed))
             after = runner.server_counters(url)
         counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
+    _write_results(args, label, config, records, duration, counters,
+                   {"preset": None if args.url else args.preset, "mode": args.mode, "url": args.url})
+    return 0
+
+
+def _sim(args) -> int:
+    from fastswitch.model.tokenizer import Tokenizer
+    from fastswitch.sim.profiles import load_hardware, load_shape
+    from fastswitch.sim.simulator import simulated_engine
+
+    if args.out is None:
+        raise ValueError("fastswitch sim: --out is required")
+    config = _run_config(args, offline=True)
+    model = config.model or "llama3-8b"
+    shape, hardware = load_shape(model, config.dtype), load_hardware(args.profile)
+    hardware = hardware.with_link(args.link) if args.link else hardware
+    tokenizer = Path(model) if (Path(model) / "tokenizer.json").is_file() else default_model_path()  # else the demo's
+    conversations = _workload(args, min(config.max_model_len or shape.max_position_embeddings,
+                                        shape.max_position_embeddings), tokenizer)
+    label = args.label or args.preset
+    _announce(label, conversations, f"simulated: {shape.name} on {hardware.name}")
+    engine = simulated_engine(config, shape, hardware, Tokenizer(tokenizer))
+    records, duration, counters = _offline(engine, conversations, args.progress)
+    _write_results(args, label, config, records, duration, counters,
+                   {"preset": args.preset, "mode": "sim", "profile": hardware.to_json(), "model_shape": shape.name,
+                    "engine": engine.core.description})
+    return 0
+
+
+def _sim_calibrate(args) -> int:
+    import json
+    import platform
+
+    from fastswitch.sim.calibrate import calibrate
+
+    profile = calibrate(EngineConfig.from_cli_args(args), args.name or f"calibrated-{platform.node()}")
+    Path(args.out).write_text(json.dumps(profile, indent=1))
+    print(f"wrote {args.out}: {', '.join(f'{k}={v:.3g}' for k, v in profile.items() if isinstance(v, float))}")
+    return 0
+
+
+def _run_config(args, offline: bool) -> EngineConfig:
+    """The engine options with the preset's, and the policy the priority pattern needs."""
+    import dataclasses
+
+    from fastswitch.bench.runner import PRESETS
+
+    for name in ("conversations", "rate", "input_mean", "output_mean", "max_context", "users"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    config = dataclasses.replace(EngineConfig.from_cli_args(args), **PRESETS[args.preset])
+    if args.priorities != "none" and offline:  # the engine re-draws priorities
+        return dataclasses.replace(config, policy="trace", trace_pattern=args.priorities)
+    if args.priorities != "none" and config.policy in ("fcfs", "trace"):  # the client sends them; rank by them
+        return dataclasses.replace(config, policy="priority")
+    return config
+
+
+def _announce(label: str, conversations, mode: str) -> None:
+    print(f"{label}: {len(conversations)} conversations, {sum(len(c.turns) for c in conversations)} requests, "
+          f"{mode}", flush=True)
+
+
+def _offline(engine, conversations, progress: bool = True):
+    """Records, duration and the counters' change over the run."""
+    from fastswitch.bench import runner
+
+    before = runner.engine_counters(engine.stats)
+    records, duration = runner.run_offline(engine, conversations, progress)
+    return records, duration, {k: v - before[k] for k, v in runner.engine_counters(engine.stats).items()}
+
+
+def _write_results(args, label: str, config: EngineConfig, records, duration: float, counters: dict,
+                   run: dict) -> None:
+    import dataclasses
+    import json
+    import platform
+
+    from fastswitch.bench import report
+
     summary = report.summarize(records, duration, counters, config.slo())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"label": label, "preset": None if args.url else args.preset, "mode": args.mode,
-               "url": args.url, "command": "fastswitch " + " ".join(sys.argv[1:]),
+    results = {"label": label, **run, "command": "fastswitch " + " ".join(sys.argv[1:]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.node()} {platform.machine()} "
-               f"{os.cpu_count()} cores", "config": None if args.url else dataclasses.asdict(config),
+               f"{os.cpu_count()} cores", "config": None if run.get("url") else dataclasses.asdict(config),
                "workload": {k: v for k, v in vars(args).items() if k in _WORKLOAD_ARGS}, "summary": summary,
                "requests": [dataclasses.asdict(r) for r in records]}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(report.table([results]))
     print(f"wrote {out / 'results.json'}")
-    return 0
 
 
 _WORKLOAD_ARGS = ("workload", "conversations", "rate", "input_mean", "output_mean", "think_mean", "max_context",
                   "users", "workload_seed", "priorities", "slo_ttft", "slo_tbt")
 
 
-def _workload(args, config: EngineConfig):
+def _workload(args, max_position: int, tokenizer_folder: str | Path):
+    """The conversations: synthetic, or a ShareGPT file tokenized by the folder's tokenizer."""
     from fastswitch.bench import workload
-    from fastswitch.model.config import ModelConfig
+    from fastswitch.model.tokenizer import Tokenizer
 
-    path = config.model or default_model_path()
-    max_context = min(args.max_context, config.max_model_len or ModelConfig.from_folder(path).max_position_embeddings)
+    max_context = min(args.max_context, max_position)
     if args.workload != "synthetic":
         if not Path(args.workload).is_file():
             raise ValueError(f"--workload: {args.workload!r} is neither 'synthetic' nor a file")
-        from fastswitch.model.tokenizer import Tokenizer
-
-        return workload.load_sharegpt(args.workload, Tokenizer(path), args.rate, args.workload_seed,
+        return workload.load_sharegpt(args.workload, Tokenizer(tokenizer_folder), args.rate, args.workload_seed,
                                       args.conversations, max_context=max_context, users=args.users)
     return workload.synthetic(workload.SyntheticSpec(
         conversations=args.conversations, rate=args.rate, input_mean=args.input_mean, output_mean=args.output_mean,

@@ -11,10 +11,16 @@ class Clock(Protocol):
     def now(self) -> float:
         """Seconds, monotonic."""
 
+    def sleep(self, seconds: float) -> None:
+        """Let this much time pass (a simulated clock jumps)."""
+
 
 class MonotonicClock:
     def now(self) -> float:
         return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
 
 
 class Executor(Protocol):

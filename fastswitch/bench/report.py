@@ -88,7 +88,7 @@ def table(runs: list[dict]) -> str:
     first = runs[0]["summary"]
     for run in runs:
         s = run["summary"]
-        cells = [run["label"]]
+        cells = [run["label"] + (" (sim)" if run.get("mode") == "sim" else "")]
         for _, key, fmt in TABLE:
             value = s.get(key)
             cells.append("—" if value is None else fmt.format(value / 1e6 if key == "swap_out_bytes" else value))

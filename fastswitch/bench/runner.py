@@ -1,7 +1,8 @@
 """Runs a conversation workload and records when every token arrived.
 
-- `run_offline` drives an `Engine` in this process, in real time: a turn is added when its
-  conversation arrives, or its think time after the previous reply has passed.
+- `run_offline` drives an `Engine` in this process, on the engine's clock (real time, or the
+  simulator's): a turn is added when its conversation arrives, or its think time after the previous
+  reply has passed.
 - `run_http` is an asyncio client for any OpenAI-compatible server (FastSwitch or vLLM): streaming
   /v1/completions with token-id prompts, and `return_token_ids` for each reply's exact tokens, from
   which the next turn's history is built.
@@ -77,8 +78,10 @@ class RequestRecord:
 
 
 def run_offline(engine: Engine, conversations: list[Conversation], progress: bool = True) -> tuple[list[RequestRecord], float]:
-    """Every turn of every conversation through `engine`; returns the records and the run's duration."""
-    start = time.monotonic()
+    """Every turn of every conversation through `engine`, on its clock (real or simulated); returns the
+    records and the run's duration."""
+    clock = engine.core.clock
+    start = clock.now()
     due = [(c.arrival_s, n, 0) for n, c in enumerate(conversations)]  # (seconds since start, conversation, turn)
     heapq.heapify(due)
     replies: list[list[list[int]]] = [[] for _ in conversations]
@@ -86,7 +89,7 @@ def run_offline(engine: Engine, conversations: list[Conversation], progress: boo
     records = []
     with tqdm(total=sum(len(c.turns) for c in conversations), unit="req", disable=not progress) as bar:
         while due or engine.has_unfinished_requests():
-            now = time.monotonic() - start
+            now = clock.now() - start
             while due and due[0][0] <= now:
                 at, n, k = heapq.heappop(due)
                 c = conversations[n]
@@ -94,7 +97,7 @@ def run_offline(engine: Engine, conversations: list[Conversation], progress: boo
                                                 arrival_time=start + at, user=c.user)
                 live[request_id] = (n, k, engine.core.scheduler.requests[request_id].priority)
             if not engine.has_unfinished_requests():
-                time.sleep(due[0][0] - now)  # idle until the next arrival
+                clock.sleep(due[0][0] - now)  # idle until the next arrival
                 continue
             for out in engine.step():
                 if not out.finished:
@@ -106,7 +109,7 @@ def run_offline(engine: Engine, conversations: list[Conversation], progress: boo
                 if k + 1 < len(c.turns):
                     heapq.heappush(due, (out.metrics.finish_time - start + c.turns[k + 1].think_s, n, k + 1))
                 bar.update()
-    return records, time.monotonic() - start
+    return records, clock.now() - start
 
 
 def engine_counters(stats: EngineStats) -> dict[str, float]:

@@ -24,10 +24,10 @@ __all__ = ["Engine", "Prompt"]
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, core: EngineCore | None = None):
+    def __init__(self, config: EngineConfig, core: EngineCore | None = None, tokenizer: Tokenizer | None = None):
         self.config = config
         self.core = core or EngineCore.from_config(config)
-        self.tokenizer = Tokenizer(config.model or default_model_path())
+        self.tokenizer = tokenizer or Tokenizer(config.model or default_model_path())
         self.inputs = InputProcessor(self.tokenizer, self.core.limits)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

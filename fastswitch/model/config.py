@@ -41,13 +41,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "ModelConfig":
+    def from_folder(cls, path: str | Path, need_weights: bool = True) -> "ModelConfig":
+        """`need_weights=False`: the shape alone (a folder with only config.json will do, e.g. for the simulator)."""
         folder = Path(path)
         if not folder.is_dir():
             raise ModelError(f"model folder not found: {folder}")
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} has no config.json: not a Hugging Face model folder")
-        if not any(folder.glob("*.safetensors")):
+        if need_weights and not any(folder.glob("*.safetensors")):
             raise ModelError(f"{folder} has no *.safetensors weights")
         hf = json.loads((folder / "config.json").read_text())
         names = hf.get("architectures") or []

@@ -1,0 +1,154 @@
+"""`fastswitch sim calibrate`: measure the real engine on this machine and fit the simulator's cost
+model to it.
+
+- Iterations: batches of requests of known prompt lengths run through the real `Engine` (prefill
+  chunks, then decodes over short and long contexts); each `step()` is timed whole (scheduling,
+  the forward, sampling, detokenizing: everything a simulated iteration stands for) against the
+  batch the executor was given. `StepCost`'s effective FLOP rate, memory bandwidth and fixed costs
+  (efficiencies 1) are fitted by least squares on the relative error.
+- Copies: the real `SwapManager` over the engine's pools, in baseline mode (one copy per block,
+  layer and K/V) and in fastswitch mode made inline (one per run), out and in, of many sizes; a
+  copy's latency and each direction's bandwidth are fitted to time = copies x latency + bytes ÷
+  bandwidth.
+"""
+
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import time
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from fastswitch.config import EngineConfig
+from fastswitch.engine.engine import Engine
+from fastswitch.kv.swap import SwapManager
+from fastswitch.messages import Copy, ModelOutput, SchedulerOutput
+from fastswitch.sampling import SamplingParams
+from fastswitch.sim.cost import StepCost
+from fastswitch.sim.profiles import Hardware, Link, ModelShape
+from fastswitch.stats import EngineStats
+
+log = logging.getLogger(__name__)
+
+# (requests, prompt tokens, tokens to generate): single prefills, then decode batches over short and long contexts
+BATCHES = [(1, n, 1) for n in (16, 64, 256, 1024, 2000)] + [(b, c, 16) for b in (1, 4, 16, 48) for c in (16, 256, 1024)]
+COPY_BLOCKS = (1, 4, 16, 64, 256)
+REPEATS = 3
+Batch = list[tuple[int, int, bool]]
+
+
+class _Recorder:
+    """The real executor, noting each step's batch as the cost model sees it."""
+
+    def __init__(self, executor):
+        self.executor, self.batch = executor, []
+
+    def execute(self, step: SchedulerOutput) -> ModelOutput:
+        out = self.executor.execute(step)
+        sampled = set(out.request_ids)
+        self.batch = [(s.num_computed_tokens, s.num_new_tokens, s.request_id in sampled) for s in step.scheduled]
+        return out
+
+
+def calibrate(config: EngineConfig, name: str) -> dict:
+    """The fitted profile as JSON-ready data, with the measurements it was fitted to."""
+    engine = Engine(dataclasses.replace(config, enable_prefix_caching=False))  # no prefix hits, no write-backs
+    shape = ModelShape.from_config(engine.core.executor.cfg, _dtype_name(engine.core.executor.dtype))
+    recorder = _Recorder(engine.core.executor)
+    engine.core.executor = recorder
+    _time_batches(engine, recorder, BATCHES[:2])  # warm-up: kernels built, caches filled
+    steps = _time_batches(engine, recorder, BATCHES)
+    copies = _time_copies(engine.core.executor.executor.kv.data, engine.core.swapper)
+    link = _fit_link(copies, engine.core.swapper.inline_bytes)
+    hardware = _fit_steps(steps, shape, name, link)
+    engine.core.close()
+    errors = [abs(StepCost(shape, hardware).seconds(b) / t - 1) for b, t in steps]
+    log.info("step model: median error %.1f%%, 90th percentile %.1f%%", 100 * np.median(errors),
+             100 * np.percentile(errors, 90))
+    return hardware.to_json() | {"measured": {"model": shape.name, "dtype": shape.dtype, "steps": steps,
+                                              "copies": copies, "step_error_median": float(np.median(errors)),
+                                              "step_error_p90": float(np.percentile(errors, 90))}}
+
+
+def _time_batches(engine: Engine, recorder: _Recorder, batches) -> list[tuple[Batch, float]]:
+    """Every step of every batch: (the batch, seconds of the whole `step()`)."""
+    measured = []
+    rng, vocab = random.Random(0), min(engine.core.limits.vocab_size, 4000)
+    for i, (requests, prompt_len, max_tokens) in enumerate(batches):
+        log.info("calibrate: batch %d/%d: %d requests of %d tokens", i + 1, len(batches), requests, prompt_len)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        for _ in range(requests):
+            engine.add_request([rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            measured.append((recorder.batch, time.perf_counter() - start))
+    return [(batch, seconds) for batch, seconds in measured if batch]
+
+
+def _time_copies(device_pool, swapper: SwapManager) -> list[dict]:
+    """Copies of many sizes, both modes, both directions: blocks, copy operations, bytes, median seconds."""
+    host_pool, num_layers = swapper.host_pool, device_pool.shape[1]
+    rows = []
+    for mode in ("baseline", "fastswitch"):
+        manager = SwapManager(device_pool, host_pool, mode, EngineStats(), asynchronous=False)
+        for blocks in COPY_BLOCKS:
+            if blocks > min(len(device_pool), len(host_pool)):
+                continue
+            for kind in ("out", "in"):
+                times = []
+                for _ in range(REPEATS):
+                    start = time.perf_counter()
+                    manager.start([Copy(0, kind, [(0, 0, blocks)], True)])
+                    times.append(time.perf_counter() - start)
+                operations = blocks * num_layers * 2 if mode == "baseline" else 1
+                rows.append({"mode": mode, "kind": kind, "blocks": blocks, "operations": operations,
+                             "bytes": blocks * manager.block_bytes, "seconds": float(np.median(times))})
+        log.info("calibrate: %s copies timed", mode)
+    return rows
+
+
+def _fit_link(copies: list[dict], inline_bytes: float) -> Link:
+    """time = operations x latency + bytes ÷ bandwidth of the direction, weighted by 1 / time."""
+    a = np.array([[c["operations"], c["bytes"] * (c["kind"] == "out"), c["bytes"] * (c["kind"] == "in")]
+                  for c in copies], dtype=float)
+    t = np.array([c["seconds"] for c in copies])
+    latency, per_byte_out, per_byte_in = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)[0]
+    return Link(h2d_bytes_per_s=1 / max(per_byte_in, 1e-15), d2h_bytes_per_s=1 / max(per_byte_out, 1e-15),
+                copy_latency_s=max(float(latency), 0.0), inline_copy_bytes=float(min(inline_bytes, 2**62)))
+
+
+def _fit_steps(steps: list[tuple[Batch, float]], shape: ModelShape, name: str, link: Link) -> Hardware:
+    """Effective FLOP/s, memory bandwidth, per-iteration and per-request costs, by least squares on log
+    parameters against the relative error of every step."""
+
+    def hardware(x) -> Hardware:
+        flops, bandwidth, step, sequence = np.exp(x)
+        return Hardware(name, float(flops), float(bandwidth), _memory_bytes(), link, flops_efficiency=1.0,
+                        memory_efficiency=1.0, step_overhead_s=float(step), sequence_overhead_s=float(sequence),
+                        memory_utilization=1.0, activation_bytes=0.0)
+
+    def residuals(x):
+        cost = StepCost(shape, hardware(x))
+        return [cost.seconds(batch) / seconds - 1 for batch, seconds in steps]
+
+    # A roofline's slower side alone has a gradient: start from several points where both sides may bind.
+    # The largest step bounds the FLOP rate from below, the fastest one the bandwidth.
+    largest = max(steps, key=lambda step: sum(n for _, n, _ in step[0]))
+    flops = 2 * shape.layer_params * sum(n for _, n, _ in largest[0]) / largest[1]
+    fastest = min(seconds for _, seconds in steps)
+    bandwidth = (shape.layer_params + shape.head_params) * shape.dtype_bytes / fastest
+    fits = [least_squares(residuals, np.log([flops * a, bandwidth * b, fastest / 10, fastest / 100]), loss="soft_l1",
+                          f_scale=0.1) for a, b in itertools.product((1, 3, 10), repeat=2)]
+    return hardware(min(fits, key=lambda fit: fit.cost).x)
+
+
+def _memory_bytes() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
