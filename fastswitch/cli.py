@@ -44,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", help="folder to write (created if missing)")
     demo.add_argument("--arch", default="llama", choices=list(ARCHS), help="architecture (default: llama)")
     demo.add_argument("--size", default="tiny", choices=list(SIZES),
-                      help="tiny: a few MB, for tests; 0.5b: Qwen2-0.5B's shape (default: tiny)")
+                      help="tiny: a few MB, for tests; 0.5b: Qwen2-0.5B's shape; 8b: Llama-3-8B's (default: tiny)")
     demo.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+    demo.add_argument("--weights", action=argparse.BooleanOptionalAction, default=True,
+                      help="write the safetensors; --no-weights: the shape alone, to serve with --load-format dummy")
     demo.set_defaults(func=_demo_model)
 
     gen = commands.add_parser("generate", help="generate completions offline",
@@ -101,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     swap.add_argument("--interference-models", default="default",
                       help="model folders (comma-separated) for the background-swap slowdown run; 'default': the "
                            "tiny demo model; 'none': skip it")
+    swap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                      help="those models' weights: 'dummy' for a shape alone (default: auto)")
     swap.set_defaults(func=_bench_swap)
     _bench_run_parser(benches)
     compare = benches.add_parser("compare", help="compare runs: a markdown table and plots",
@@ -191,7 +195,7 @@ def _run_args(parser, priorities_help: str, out_required: bool = True) -> None:
 
 
 def _demo_model(args) -> int:
-    path = write_demo_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
+    path = write_demo_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, weights=args.weights)
     print(f"wrote {args.arch} {args.size} demo model to {path}")
     return 0
 
@@ -236,7 +240,8 @@ def _bench_swap(args) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     interference = [] if args.interference_models == "none" else [
         str(default_model_path()) if m == "default" else m for m in args.interference_models.split(",")]
-    run(models, tokens, args.device, args.dtype, args.block_size, args.repeats, args.json, args.plot, interference)
+    run(models, tokens, args.device, args.dtype, args.block_size, args.repeats, args.json, args.plot, interference,
+        args.load_format)
     return 0
 
 

@@ -9,7 +9,6 @@ from fastswitch.slo import DEFAULT_TBT, DEFAULT_TTFT, SLO
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 1 << 30
-GPU_KV_CACHE_FRACTION = 0.8
 
 
 def _opt(default, help: str, **extra):
@@ -20,6 +19,8 @@ def _opt(default, help: str, **extra):
 class EngineConfig:
     model: str | None = _opt(None, "Hugging Face model folder (config.json, *.safetensors, tokenizer.json); "
                                    "default: the built-in tiny demo model")
+    load_format: str = _opt("auto", "'auto': the folder's safetensors; 'dummy': random weights, no weight files read "
+                                     "(a model's shape alone, for benchmarks)", choices=["auto", "dummy"])
     dtype: str = _opt("auto", "weights and KV cache dtype; 'auto': the model's own, except half precision on a CPU "
                               "that does not compute it natively (then float32; the log says which and why)",
                       choices=["auto", *DTYPES])
@@ -30,12 +31,18 @@ class EngineConfig:
                                           "'triton': a Triton kernel for CUDA that reads the pool in place; "
                                           "'auto': cpu on a CPU when it builds, else torch",
                                   choices=["auto", "cpu", "torch", "triton"])
+    enforce_eager: bool = _opt(False, "run every step eagerly; default: on CUDA with the triton attention backend, "
+                                      "decode steps replay CUDA graphs captured at start-up for batch sizes 1, 2, 4, "
+                                      "8, 16, ... up to max_num_seqs")
     max_model_len: int | None = _opt(None, "context limit (prompt + output); default: the model's")
     max_num_seqs: int = _opt(256, "most requests in one iteration's batch")
     max_num_batched_tokens: int = _opt(2048, "token budget of one iteration; longer prompts are prefilled in chunks")
     num_kv_blocks: int | None = _opt(None, "size of the device KV pool in blocks (overrides kv_cache_memory_bytes)")
-    kv_cache_memory_bytes: int | None = _opt(None, "device KV pool size in bytes; default: 1 GiB on CPU, "
-                                                   f"{GPU_KV_CACHE_FRACTION:.0%} of free memory on CUDA")
+    kv_cache_memory_bytes: int | None = _opt(None, "device KV pool size in bytes; default: 1 GiB on CPU; on CUDA "
+                                                   "what gpu_memory_utilization leaves")
+    gpu_memory_utilization: float = _opt(0.9, "CUDA: the share of the GPU's memory this engine may take in all; the "
+                                              "KV pool gets what is left of it after the weights and the peak of a "
+                                              "profiling forward at the full token budget")
     swap_space: float = _opt(4.0, "host KV tier size in GiB (pinned memory on CUDA), where paused requests' KV goes")
     swap_mode: str = _opt("fastswitch", "'fastswitch': coalesced copies off the compute path, host copies reused; "
                                         "'baseline': vLLM V0's per-block, per-layer synchronous copies",
@@ -86,6 +93,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"invalid gpu_memory_utilization={self.gpu_memory_utilization!r}: a share in (0, 1]")
         if not self.swap_space >= 0:
             raise ValueError(f"invalid swap_space={self.swap_space!r}: must be >= 0 GiB")
         if not self.priority_aging >= 0:

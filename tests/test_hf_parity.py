@@ -66,8 +66,9 @@ def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tenso
     with torch.inference_mode():
         for n in chunks:
             step = SchedulerOutput(0, [ScheduledRequest("r", computed, n, blocks)], [], [], [], [])
-            ids, positions, meta, _, _ = runner._prepare(step)
-            hidden = runner.model(ids, positions, runner.kv_layers, meta)
+            ids, positions, batch, _, _ = runner._prepare(step)
+            hidden = runner.model(runner._tensor(ids), runner._tensor(positions), runner.kv_layers,
+                                  runner.attention.prepare(batch))
             pieces.append(runner.model.compute_logits(hidden))
             computed += n
     engine.core.kv.device.drop(blocks)

@@ -23,7 +23,7 @@ from fastswitch.sampling import SamplingParams
 from fastswitch.stats import EngineStats
 
 log = logging.getLogger(__name__)
-SHAPES = {"tiny": ("llama", "tiny"), "0.5b": ("qwen2", "0.5b")}
+SHAPES = {"tiny": ("llama", "tiny"), "0.5b": ("qwen2", "0.5b"), "8b": ("llama", "8b")}
 
 
 def kv_shape(model: str) -> tuple[int, int, int]:
@@ -66,13 +66,14 @@ def measure_switch(model: str, tokens: int, mode: str, device: torch.device, dty
                 vs_floor=seconds / floor)
 
 
-def measure_interference(model_dir: str, device: str, dtype: str, batch: int, mover_tokens: int, steps: int) -> dict:
+def measure_interference(model_dir: str, device: str, dtype: str, batch: int, mover_tokens: int, steps: int,
+                         load_format: str = "auto") -> dict:
     """Decode step time of a batch with and without another request swapping out and in meanwhile."""
     from fastswitch.config import EngineConfig
     from fastswitch.engine.engine import Engine
 
     engine = Engine(EngineConfig(model=model_dir, device=device, dtype=dtype, kv_cache_memory_bytes=1 << 30,
-                                 max_num_batched_tokens=max(2048, mover_tokens)))
+                                 max_num_batched_tokens=max(2048, mover_tokens), load_format=load_format))
     for i in range(batch):
         engine.add_request([100 + i] * 16, SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True))
     mover = Request("mover", [7] * mover_tokens, SamplingParams(max_tokens=1), 0.0)
@@ -101,7 +102,8 @@ def measure_interference(model_dir: str, device: str, dtype: str, batch: int, mo
 
 
 def run(models: list[str], token_counts: list[int], device: str, dtype: str, block_size: int, repeats: int,
-        json_path: str | None, plot_path: str | None, interference_models: list[str]) -> list[dict]:
+        json_path: str | None, plot_path: str | None, interference_models: list[str],
+        load_format: str = "auto") -> list[dict]:
     dev, dt = torch.device(device), getattr(torch, dtype)
     rows = []
     for model in models:
@@ -116,7 +118,8 @@ def run(models: list[str], token_counts: list[int], device: str, dtype: str, blo
         plot(rows, plot_path)
     for model_dir in interference_models:
         log.info("interference: a decoding batch on %s while another request swaps", model_dir)
-        result = measure_interference(model_dir, device, dtype, batch=8, mover_tokens=2048, steps=40)
+        result = measure_interference(model_dir, device, dtype, batch=8, mover_tokens=2048, steps=40,
+                                      load_format=load_format)
         print(f"\nBackground swapping ({Path(model_dir).name}): batch of {result['batch']} decoding, a "
               f"{result['mover_tokens']}-token request switched {result['switches']} times: step "
               f"{1000 * result['quiet_step_s']:.2f} ms quiet, {1000 * result['busy_step_s']:.2f} ms busy, "

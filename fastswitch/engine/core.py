@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from fastswitch.config import CPU_KV_CACHE_BYTES, DTYPES, GPU_KV_CACHE_FRACTION, EngineConfig
+from fastswitch.config import CPU_KV_CACHE_BYTES, DTYPES, EngineConfig
 from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import make_policy
 from fastswitch.engine.scheduler import Scheduler
@@ -46,13 +46,14 @@ class EngineCore:
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
         """The model runner and the swap manager on the configured device, with the KV pools sized."""
-        model = ModelConfig.from_folder(config.model or default_model_path())
+        dummy = config.load_format == "dummy"
+        model = ModelConfig.from_folder(config.model or default_model_path(), need_weights=not dummy)
         max_model_len = _max_model_len(config, model)
         device = torch.device(config.device)
         dtype = _dtype(config.dtype, model.torch_dtype, device)
         runner = ModelRunner(model, dtype, device, max_model_len, config.block_size, config.seed,
-                             config.attention_backend)
-        num_blocks = config.num_kv_blocks or _blocks_for_budget(config, model, dtype, device)
+                             config.attention_backend, dummy, config.max_num_seqs, config.enforce_eager)
+        num_blocks = config.num_kv_blocks or _blocks_for_budget(config, model, dtype, runner)
         runner.allocate_kv(num_blocks)
         stats = EngineStats()
         per_block = runner.kv.data[0].numel() * runner.kv.data.element_size()
@@ -169,11 +170,29 @@ def _dtype(requested: str, model_dtype: str, device: torch.device) -> torch.dtyp
     return cpu_dtype(DTYPES[model_dtype]) if device.type == "cpu" else DTYPES[model_dtype]
 
 
-def _blocks_for_budget(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+def _blocks_for_budget(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, runner: ModelRunner) -> int:
     budget = config.kv_cache_memory_bytes
-    if budget is None:
-        budget = CPU_KV_CACHE_BYTES if device.type == "cpu" else int(torch.cuda.mem_get_info(device)[0] * GPU_KV_CACHE_FRACTION)
+    if budget is None and runner.device.type == "cpu":
+        budget = CPU_KV_CACHE_BYTES
+    elif budget is None:
+        budget = _gpu_kv_budget(config, runner)
     per_block = KVPool.bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
     if budget < per_block:
         raise ValueError(f"KV cache budget of {budget} bytes holds no block ({per_block} bytes each)")
     return budget // per_block
+
+
+def _gpu_kv_budget(config: EngineConfig, runner: ModelRunner) -> int:
+    """What the engine's share of the GPU leaves after everything in use now (the weights, the CUDA context,
+    other processes) and a forward at the full token budget."""
+    activations = runner.profile_forward_bytes(config.max_num_batched_tokens, config.max_num_seqs)
+    free, total = torch.cuda.mem_get_info(runner.device)
+    budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
+    log.info("GPU memory: %.1f GiB in all, %.1f GiB in use, %.1f GiB for activations: %.1f GiB for the KV pool "
+             "at gpu_memory_utilization=%g", total / 2**30, (total - free) / 2**30, activations / 2**30,
+             budget / 2**30, config.gpu_memory_utilization)
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no memory for the KV pool: "
+                         f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use and a forward needs "
+                         f"{activations / 2**30:.1f} GiB; raise it, or lower max_num_batched_tokens")
+    return budget

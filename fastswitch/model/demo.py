@@ -1,7 +1,8 @@
 """Deterministic random-weight model folders in Hugging Face format, with the tokenizer FastSwitch ships.
 
 They load in this engine, in `transformers` and in vLLM. `tiny` is for tests and the default server;
-`0.5b` has Qwen2-0.5B's shape, for realistic compute.
+`0.5b` has Qwen2-0.5B's shape, for realistic compute; `8b` has Llama-3-8B's, for a GPU, written without
+weights (they would be 16 GB) and run with `load_format="dummy"`.
 """
 
 import json
@@ -25,6 +26,8 @@ SIZES = {
                  num_key_value_heads=2, vocab_size=4096, max_position_embeddings=4096),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
 }
 ARCHS = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0,
@@ -86,12 +89,15 @@ def _random_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     return weights
 
 
-def write_demo_model(out_dir: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0, **overrides) -> Path:
-    """Write a complete model folder; `overrides` change config.json keys (tests use them)."""
+def write_demo_model(out_dir: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0, weights: bool = True,
+                     **overrides) -> Path:
+    """Write a model folder; `overrides` change config.json keys (tests use them). Without `weights` it
+    has everything but the safetensors: a shape, to run with `load_format="dummy"`."""
     cfg = demo_config(arch, size, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_random_weights(cfg, seed), out / "model.safetensors", metadata={"format": "pt"})
+    if weights:
+        save_file(_random_weights(cfg, seed), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, ENDOFTEXT]}, indent=2))
     shutil.copy(DATA / "tokenizer.json", out / "tokenizer.json")

@@ -1,4 +1,5 @@
-"""Build the model on its device and fill it from a Hugging Face folder's safetensors shards."""
+"""Build the model on its device and fill it from a Hugging Face folder's safetensors shards (or, for
+`load_format="dummy"`, with random weights)."""
 
 import contextlib
 import logging
@@ -32,9 +33,33 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int) -> CausalLM:
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int, dummy: bool = False,
+               seed: int = 0) -> CausalLM:
     with torch.device(device), _default_dtype(dtype):
         model = CausalLM(cfg, max_len)
+    if dummy:
+        _fill_random(model, seed)
+        log.info("random weights (load_format dummy) for %s (%s) as %s on %s", cfg.path, cfg.arch, dtype, device)
+    else:
+        _fill_from_safetensors(model, cfg, device)
+    if device.type == "cpu":
+        _prepack(model)
+    return model.eval()
+
+
+def _fill_random(model: CausalLM, seed: int) -> None:
+    """Projections ~ N(0, 1/fan_in), norms near 1: activations stay in range, as in a trained model."""
+    gen = torch.Generator(model.embed_tokens.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.normal_(1.0, 0.1, generator=gen)
+        elif param.dim() == 1:
+            param.normal_(0.0, 0.1, generator=gen)
+        else:
+            param.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
+
+
+def _fill_from_safetensors(model: CausalLM, cfg: ModelConfig, device: torch.device) -> None:
     params = dict(model.named_parameters())
     filled: set[str] = set()
     files = sorted(Path(cfg.path).glob("*.safetensors"))
@@ -50,10 +75,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
                 _copy_piece(params[name], shard.get_tensor(hf_name), piece, cfg, name)
                 filled.add(name if piece is None else f"{name}#{piece}")
     _check_complete(params, filled)
-    log.info("loaded %s (%s, %d shards) as %s on %s", cfg.path, cfg.arch, len(files), dtype, device)
-    if device.type == "cpu":
-        _prepack(model)
-    return model.eval()
+    log.info("loaded %s (%s, %d shards) on %s", cfg.path, cfg.arch, len(files), device)
 
 
 def _prepack(model: CausalLM) -> None:

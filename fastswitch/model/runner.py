@@ -1,6 +1,7 @@
 """Runs one step through the model: a SchedulerOutput in, the sampled tokens out.
 
-It owns the model, the device KV pool and the sampler, and knows nothing about scheduling policy.
+It owns the model, the device KV pool, the sampler and (on CUDA) the decode graphs, and knows
+nothing about scheduling policy.
 It keeps each live request's tokens (the prompt it was sent, then every token it sampled), so a step
 only says who computes how many tokens with which blocks.
 """
@@ -27,18 +28,51 @@ class _RequestState:
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
-                 block_size: int, seed: int, attention_backend: str = "auto"):
+                 block_size: int, seed: int, attention_backend: str = "auto", dummy_weights: bool = False,
+                 max_num_seqs: int = 256, enforce_eager: bool = False):
         self.cfg, self.dtype, self.device, self.block_size = model_cfg, dtype, device, block_size
-        self.model = load_model(model_cfg, dtype, device, max_model_len)
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.model = load_model(model_cfg, dtype, device, max_model_len, dummy_weights, seed)
         self.sampler = Sampler(device, seed)
         self.attention = select_backend(attention_backend, device)
+        self.use_graphs = device.type == "cuda" and self.attention.name == "triton" and not enforce_eager
+        self.graphs = None  # DecodeGraphs, once the KV pool exists
         self.requests: dict[str, _RequestState] = {}
 
     def allocate_kv(self, num_blocks: int) -> None:
-        """Called once the weights are loaded, so a GPU budget can be measured from what is left."""
-        self.kv = KVPool(num_blocks, self.cfg.num_layers, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim,
-                         self.dtype, self.device)
+        """Called once the weights are loaded, so a GPU budget can be measured from what is left. With CUDA
+        graphs, the pool has one block more, which no request owns: padding rows write there."""
+        self.kv = KVPool(num_blocks + self.use_graphs, self.cfg.num_layers, self.block_size, self.cfg.num_kv_heads,
+                         self.cfg.head_dim, self.dtype, self.device)
         self.kv_layers = self.kv.layers()
+        if self.use_graphs:
+            from fastswitch.model.cuda_graphs import DecodeGraphs, StaticDecodeInputs  # needs triton
+
+            inputs = StaticDecodeInputs(self.max_num_seqs, -(-self.max_model_len // self.block_size), self.block_size,
+                                        num_blocks, self.device)
+            self.graphs = DecodeGraphs(self.model, self.kv_layers, inputs)
+
+    @torch.inference_mode()
+    def profile_forward_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """CUDA: peak memory of one forward of `num_tokens` (a prefill, over a scratch KV pool of its own) and
+        logits for `num_seqs` rows, beyond what is allocated now: what the KV pool must leave free."""
+        blocks = -(-num_tokens // self.block_size)
+        scratch = KVPool(blocks, self.cfg.num_layers, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim,
+                         self.dtype, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        batch = StepBatch([0, num_tokens], [num_tokens], [list(range(blocks))], list(range(num_tokens)),
+                          self.block_size)
+        tokens = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(tokens, torch.arange(num_tokens, device=self.device), scratch.layers(),
+                            self.attention.prepare(batch))
+        self.model.compute_logits(hidden[-min(num_seqs, num_tokens):]).softmax(dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelOutput:
@@ -50,8 +84,12 @@ class ModelRunner:
             self.requests[new.request_id] = _RequestState(list(new.token_ids), new.num_prompt_tokens, new.params)
         if not step.scheduled:
             return ModelOutput([], [], [])
-        input_ids, positions, meta, sample_index, samplers = self._prepare(step)
-        hidden = self.model(input_ids, positions, self.kv_layers, meta)
+        input_ids, positions, batch, sample_index, samplers = self._prepare(step)
+        if self.graphs is not None and len(input_ids) == len(step.scheduled) and self.graphs.fits(len(input_ids)):
+            hidden = self.graphs.run(input_ids, positions, batch)  # decodes only
+        else:
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_layers,
+                                self.attention.prepare(batch))
         if not samplers:
             return ModelOutput([], [], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
@@ -86,8 +124,8 @@ class ModelRunner:
             if end == len(tokens):
                 sample_index.append(len(ids) - 1)
                 samplers.append(s.request_id)
-        meta = self.attention.prepare(StepBatch(query_start_loc, seq_lens, block_tables, slots, bs))
-        return self._tensor(ids), self._tensor(positions), meta, sample_index, samplers
+        batch = StepBatch(query_start_loc, seq_lens, block_tables, slots, bs)
+        return ids, positions, batch, sample_index, samplers
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
