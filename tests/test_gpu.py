@@ -86,7 +86,7 @@ def test_the_kv_budget_is_what_gpu_memory_utilization_leaves(llama_dir):
         LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.001)
 
 
-def test_sampling_a_mixed_batch_syncs_with_the_host_once(llama_dir):
+def test_sampling_a_mixed_batch_syncs_with_the_host_once():
     from fastswitch.model.sampler import SampleInput, Sampler
 
     sampler, logits = Sampler(torch.device("cuda"), seed=0), torch.randn(5, 4096, device="cuda")
@@ -107,3 +107,23 @@ def test_sampling_a_mixed_batch_syncs_with_the_host_once(llama_dir):
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert samples[0].token_id == logits[0].argmax().item() and len(samples[4].logprobs) >= 5
+
+
+@pytest.mark.parametrize("engine", ["triton-eager", "triton-graphs"])
+def test_a_decode_step_syncs_with_the_host_once(engine, llama_dir):
+    llm = LLM(llama_dir, dtype="float32", device="cuda", **ENGINES[engine])
+    core = llm.engine
+    for i in range(4):
+        core.add_request([5 + i] * 20, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):  # the prefill, then decodes
+        core.step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outputs = [core.step() for _ in range(5)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(o) == 4 for o in outputs)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 5, [f"{w.filename}:{w.lineno} {w.message}" for w in syncs]

@@ -92,7 +92,7 @@ class ModelRunner:
                                 self.attention.prepare(batch))
         if not samplers:
             return ModelOutput([], [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
+        logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
         samples = self.sampler(logits, [self._sample_input(rid) for rid in samplers])
         for rid, sample in zip(samplers, samples):
             self.requests[rid].token_ids.append(sample.token_id)
