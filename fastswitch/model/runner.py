@@ -18,6 +18,8 @@ from fastswitch.model.loader import load_model
 from fastswitch.model.sampler import SampleInput, Sampler
 from fastswitch.sampling import SamplingParams
 
+GRAPH_MAX_BATCH = 512  # larger decode steps run eagerly: their launches are a small share of their time
+
 
 @dataclass
 class _RequestState:
@@ -48,8 +50,9 @@ class ModelRunner:
         if self.use_graphs:
             from fastswitch.model.cuda_graphs import DecodeGraphs, StaticDecodeInputs  # needs triton
 
-            inputs = StaticDecodeInputs(self.max_num_seqs, -(-self.max_model_len // self.block_size), self.block_size,
-                                        num_blocks, self.device)
+            max_blocks = -(-self.max_model_len // self.block_size)
+            batch = min(self.max_num_seqs, GRAPH_MAX_BATCH)
+            inputs = StaticDecodeInputs(batch, max_blocks, self.block_size, num_blocks, self.device)
             self.graphs = DecodeGraphs(self.model, self.kv_layers, inputs)
 
     @torch.inference_mode()
