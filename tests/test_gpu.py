@@ -2,6 +2,7 @@
 CUDA-graph decodes and stream swaps, each against a reference on the same GPU."""
 
 import functools
+import gc
 import warnings
 
 import pytest
@@ -15,7 +16,9 @@ from tests.conftest import MODELS
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 MAX_TOKENS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-RUNS = {"roomy": dict(), "tight-kv": dict(num_kv_blocks=22), "chunked": dict(max_num_batched_tokens=64)}
+# Pools sized here: the default (90% of the GPU) would be taken again by every engine of the module.
+POOLS = dict(kv_cache_memory_bytes=1 << 30, swap_space=0.5)
+RUNS = {"roomy": POOLS, "tight-kv": dict(POOLS, num_kv_blocks=22), "chunked": dict(POOLS, max_num_batched_tokens=64)}
 ENGINES = {"torch": dict(attention_backend="torch"),
            "triton-eager": dict(attention_backend="triton", enforce_eager=True),
            "triton-graphs": dict(attention_backend="triton")}
@@ -70,20 +73,22 @@ def test_compiled_triton_kernel_matches_the_reference(data, dtype):
 
 
 def test_host_tier_is_pinned_and_swaps_run_off_the_compute_stream(llama_dir):
-    llm = LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=22)
+    llm = LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=22, swap_space=0.5)
     swapper = llm.engine.core.swapper
     assert swapper.host_pool.is_pinned()
     assert all(s != torch.cuda.current_stream() for s in swapper._streams.values())
 
 
 def test_the_kv_budget_is_what_gpu_memory_utilization_leaves(llama_dir):
+    gc.collect()  # the engines of earlier tests
+    torch.cuda.empty_cache()
     total = torch.cuda.mem_get_info()[1]
-    llm = LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.3)
+    llm = LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.3, swap_space=0.5)
     free = torch.cuda.mem_get_info()[0]
     assert total - free <= 0.3 * total + (256 << 20)  # the graphs' pool and the allocator's rounding: slack
     assert llm.engine.core.kv.num_blocks * llm.engine.core.swapper.block_bytes > 0.1 * total
     with pytest.raises(ValueError, match="leaves no memory for the KV pool"):
-        LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.001)
+        LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.001, swap_space=0.5)
 
 
 def test_sampling_a_mixed_batch_syncs_with_the_host_once():
@@ -111,7 +116,7 @@ def test_sampling_a_mixed_batch_syncs_with_the_host_once():
 
 @pytest.mark.parametrize("engine", ["triton-eager", "triton-graphs"])
 def test_a_decode_step_syncs_with_the_host_once(engine, llama_dir):
-    llm = LLM(llama_dir, dtype="float32", device="cuda", **ENGINES[engine])
+    llm = LLM(llama_dir, dtype="float32", device="cuda", **ENGINES[engine], **POOLS)
     core = llm.engine
     for i in range(4):
         core.add_request([5 + i] * 20, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 14's device checks in one call on a lent H100/H200, in about 8 minutes; everything under $OUT:
+# Issue 14's device checks in one call on a lent H100/H200, in at most 8.5 minutes (each step has a limit); everything under $OUT:
 # summary.md (the tables, short) and gpu_check.tar.gz (logs, JSON, results.json, plots).
 #
-#   run(command="bash benchmarks/gpu/check.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash benchmarks/gpu/check.sh", carry=[".whl"], timeout_s=540)
 #
 # The device image has torch, triton, transformers, tokenizers and safetensors but not msgspec: carry its
 # wheel in .whl (cp312 manylinux; the README's "GPU" section says how). In order:
@@ -46,18 +46,18 @@ step() {  # step NAME SECONDS COMMAND...: its output to $work/NAME.log, a line i
 { nvidia-smi || true; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     >"$work/env.txt" 2>&1
 python3 -m fastswitch demo-model "$shape" --size "$size" --no-weights >/dev/null
-step tests 170 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider
-step decode 100 python3 benchmarks/gpu/decode.py "$shape" --out "$work/decode.json" --device "$device" \
+step tests 150 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider
+step decode 90 python3 benchmarks/gpu/decode.py "$shape" --out "$work/decode.json" --device "$device" \
     --attention-backend "$backend" --dtype "$dtype" --batches "$batches" --prefill "$prefill"
-step swap 80 python3 -m fastswitch bench swap --device "$device" --models "$size" --tokens "$tokens" \
+step swap 60 python3 -m fastswitch bench swap --device "$device" --models "$size" --tokens "$tokens" \
     --dtype "$dtype" --json "$work/swap.json" --plot "$work/swap.png" --interference-models "$shape" \
     --load-format dummy
 for preset in baseline fastswitch; do
-    step "run-$preset" 100 python3 -m fastswitch bench run --preset "$preset" --model "$shape" --load-format dummy \
+    step "run-$preset" 90 python3 -m fastswitch bench run --preset "$preset" --model "$shape" --load-format dummy \
         --device "$device" --dtype "$dtype" --attention-backend "$backend" --kv-cache-memory-bytes "$kv" \
         --swap-space 16 --conversations "$conversations" --rate "$rate" --out "$work/$preset"
 done
-step compare 30 python3 -m fastswitch bench compare "$work/baseline" "$work/fastswitch" --out "$work/compare"
+step compare 20 python3 -m fastswitch bench compare "$work/baseline" "$work/fastswitch" --out "$work/compare"
 
 mkdir -p "$OUT"
 {
