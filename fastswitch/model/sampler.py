@@ -52,13 +52,16 @@ class Sampler:
         wanted = [r.params.logprobs for r in rows]
         if all(k is None for k in wanted):
             return [Sample(t, None) for t in _to_host(tokens)[0]]
+        return self._with_logprobs(raw, tokens, wanted)
+
+    def _with_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]) -> list[Sample]:
+        """Each row's token, and for the rows that asked, the raw distribution's logprob of it and of the top k."""
         logprobs = raw.log_softmax(dim=-1)
-        k_max = max(k or 0 for k in wanted)
-        top_values, top_ids = logprobs.topk(k_max, dim=-1)
+        top_values, top_ids = logprobs.topk(max(k or 0 for k in wanted), dim=-1)
         chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        token_list, chosen, top_values, top_ids = _to_host(tokens, chosen, top_values, top_ids)
+        tokens, chosen, top_values, top_ids = _to_host(tokens, chosen, top_values, top_ids)
         return [Sample(t, None if k is None else {**dict(zip(top_ids[i][:k], top_values[i][:k])), t: chosen[i]})
-                for i, (t, k) in enumerate(zip(token_list, wanted))]
+                for i, (t, k) in enumerate(zip(tokens, wanted))]
 
     def _penalize(self, logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tensor:
         """min_tokens masking, then the repetition, presence and frequency penalties, for all rows at once."""
