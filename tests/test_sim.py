@@ -253,6 +253,8 @@ def test_sim_runs_compare_with_real_ones(tmp_path, capsys, llama_dir):
 def test_calibrate_writes_a_profile_the_simulator_takes(tmp_path, capsys, llama_dir, monkeypatch):
     monkeypatch.setattr(calibrate, "BATCHES", [(1, 64, 1), (2, 16, 4), (4, 128, 4)])
     monkeypatch.setattr(calibrate, "COPY_BLOCKS", (1, 16))
+    monkeypatch.setattr(calibrate, "CONVERSATIONS", SyntheticSpec(conversations=2, rate=20, output_mean=8,
+                                                                  max_context=200))
     profile = tmp_path / "profile.json"
     code, out, _ = run_cli(capsys, "sim", "calibrate", "--model", llama_dir, "--num-kv-blocks", "64",
                            "--swap-space", "0.01", "--out", str(profile))

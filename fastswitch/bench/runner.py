@@ -58,6 +58,7 @@ COUNTERS = {  # summary key -> EngineStats field, and the Prometheus samples Fas
     "reuse_saved_blocks": ("reuse_saved_blocks", ("fastswitch:reuse_saved_blocks_total",)),
     "recompute_fallbacks": ("recompute_fallbacks", ("fastswitch:recompute_fallbacks_total",)),
     "stall_s": ("stall_s", ("fastswitch:stall_seconds_total",)),
+    "iterations": ("iterations", ()),  # offline and simulated runs only
 }
 
 

@@ -2,10 +2,11 @@
 model to it.
 
 - Iterations: batches of requests of known prompt lengths run through the real `Engine` (prefill
-  chunks, then decodes over short and long contexts); each `step()` is timed whole (scheduling,
-  the forward, sampling, detokenizing: everything a simulated iteration stands for) against the
-  batch the executor was given. `StepCost`'s effective FLOP rate, memory bandwidth and fixed costs
-  (efficiencies 1) are fitted by least squares on the relative error.
+  chunks, then decodes over short and long contexts), then a short multi-turn workload on the
+  given KV pool (so with preemptions and swaps in flight, as a benchmark runs); each `step()` is
+  timed whole (scheduling, the forward, sampling, detokenizing: everything a simulated iteration
+  stands for) against the batch the executor was given. `StepCost`'s effective FLOP rate, memory
+  bandwidth and fixed costs (efficiencies 1) are fitted by least squares on the relative error.
 - Copies: the real `SwapManager` over the engine's pools, in baseline mode (one copy per block,
   layer and K/V) and in fastswitch mode made inline (one per run), out and in, of many sizes; a
   copy's latency and each direction's bandwidth are fitted to time = copies x latency + bytes ÷
@@ -22,6 +23,8 @@ import time
 import numpy as np
 from scipy.optimize import least_squares
 
+from fastswitch.bench.runner import run_offline
+from fastswitch.bench.workload import SyntheticSpec, synthetic
 from fastswitch.config import EngineConfig
 from fastswitch.engine.engine import Engine
 from fastswitch.kv.swap import SwapManager
@@ -37,14 +40,18 @@ log = logging.getLogger(__name__)
 BATCHES = [(1, n, 1) for n in (16, 64, 256, 1024, 2000)] + [(b, c, 16) for b in (1, 4, 16, 48) for c in (16, 256, 1024)]
 COPY_BLOCKS = (1, 4, 16, 64, 256)
 REPEATS = 3
+CONVERSATIONS = SyntheticSpec(conversations=16, rate=4, output_mean=60, think_mean_s=0.5, max_context=1024, seed=1000)
 Batch = list[tuple[int, int, bool]]
 
 
-class _Recorder:
-    """The real executor, noting each step's batch as the cost model sees it."""
+class _StepTimer:
+    """Times every `step()` of an engine whole, with the batch its executor was given."""
 
-    def __init__(self, executor):
-        self.executor, self.batch = executor, []
+    def __init__(self, engine: Engine):
+        self.stats, self.executor, self.engine_step = engine.stats, engine.core.executor, engine.step
+        engine.core.executor, engine.step = self, self.step
+        self.batch: Batch = []
+        self.steps: list[tuple[Batch, float]] = []
 
     def execute(self, step: SchedulerOutput) -> ModelOutput:
         out = self.executor.execute(step)
@@ -52,19 +59,30 @@ class _Recorder:
         self.batch = [(s.num_computed_tokens, s.num_new_tokens, s.request_id in sampled) for s in step.scheduled]
         return out
 
+    def step(self):
+        """Less the time copies stalled it: the simulator's copy engine models that."""
+        self.batch, start, stall = [], time.perf_counter(), self.stats.stall_s
+        outputs = self.engine_step()
+        if self.batch:
+            self.steps.append((self.batch, time.perf_counter() - start - (self.stats.stall_s - stall)))
+        return outputs
+
 
 def calibrate(config: EngineConfig, name: str) -> dict:
-    """The fitted profile as JSON-ready data, with the measurements it was fitted to."""
-    engine = Engine(dataclasses.replace(config, enable_prefix_caching=False))  # no prefix hits, no write-backs
-    shape = ModelShape.from_config(engine.core.executor.cfg, _dtype_name(engine.core.executor.dtype))
-    recorder = _Recorder(engine.core.executor)
-    engine.core.executor = recorder
-    _time_batches(engine, recorder, BATCHES[:2])  # warm-up: kernels built, caches filled
-    steps = _time_batches(engine, recorder, BATCHES)
-    copies = _time_copies(engine.core.executor.executor.kv.data, engine.core.swapper)
-    link = _fit_link(copies, engine.core.swapper.inline_bytes)
-    hardware = _fit_steps(steps, shape, name, link)
-    engine.core.close()
+    """The fitted profile as JSON-ready data, with the measurements it was fitted to.
+
+    The batches run on a roomy KV pool; the conversations on `config`'s (tight, to see preemptions)."""
+    roomy = Engine(dataclasses.replace(config, num_kv_blocks=None, kv_cache_memory_bytes=None))
+    shape = ModelShape.from_config(roomy.core.executor.cfg, _dtype_name(roomy.core.executor.dtype))
+    timer = _StepTimer(roomy)
+    _run_batches(roomy, BATCHES[:8])  # warm-up: kernels built, caches and allocator pools filled
+    timer.steps.clear()
+    _run_batches(roomy, BATCHES)
+    steps = timer.steps
+    copies = _time_copies(roomy.core.executor.executor.kv.data, roomy.core.swapper)
+    roomy.core.close()
+    steps += _time_conversations(config)
+    hardware = _fit_steps(steps, shape, name, _fit_link(copies, roomy.core.swapper.inline_bytes))
     errors = [abs(StepCost(shape, hardware).seconds(b) / t - 1) for b, t in steps]
     log.info("step model: median error %.1f%%, 90th percentile %.1f%%", 100 * np.median(errors),
              100 * np.percentile(errors, 90))
@@ -73,9 +91,7 @@ def calibrate(config: EngineConfig, name: str) -> dict:
                                               "step_error_p90": float(np.percentile(errors, 90))}}
 
 
-def _time_batches(engine: Engine, recorder: _Recorder, batches) -> list[tuple[Batch, float]]:
-    """Every step of every batch: (the batch, seconds of the whole `step()`)."""
-    measured = []
+def _run_batches(engine: Engine, batches) -> None:
     rng, vocab = random.Random(0), min(engine.core.limits.vocab_size, 4000)
     for i, (requests, prompt_len, max_tokens) in enumerate(batches):
         log.info("calibrate: batch %d/%d: %d requests of %d tokens", i + 1, len(batches), requests, prompt_len)
@@ -83,10 +99,18 @@ def _time_batches(engine: Engine, recorder: _Recorder, batches) -> list[tuple[Ba
         for _ in range(requests):
             engine.add_request([rng.randrange(3, vocab) for _ in range(prompt_len)], params)
         while engine.has_unfinished_requests():
-            start = time.perf_counter()
             engine.step()
-            measured.append((recorder.batch, time.perf_counter() - start))
-    return [(batch, seconds) for batch, seconds in measured if batch]
+
+
+def _time_conversations(config: EngineConfig) -> list[tuple[Batch, float]]:
+    """Every step of a short multi-turn workload under markov priorities: the mix a benchmark runs
+    (prefill chunks beside decodes, swaps in flight, the policy's ranking of many requests)."""
+    log.info("calibrate: %d conversations", CONVERSATIONS.conversations)
+    engine = Engine(dataclasses.replace(config, policy="trace", trace_pattern="markov"))
+    timer = _StepTimer(engine)
+    run_offline(engine, synthetic(CONVERSATIONS), progress=False)
+    engine.core.close()
+    return timer.steps
 
 
 def _time_copies(device_pool, swapper: SwapManager) -> list[dict]:
@@ -123,7 +147,7 @@ def _fit_link(copies: list[dict], inline_bytes: float) -> Link:
 
 def _fit_steps(steps: list[tuple[Batch, float]], shape: ModelShape, name: str, link: Link) -> Hardware:
     """Effective FLOP/s, memory bandwidth, per-iteration and per-request costs, by least squares on log
-    parameters against the relative error of every step."""
+    parameters against the log of modeled ÷ measured time of every step."""
 
     def hardware(x) -> Hardware:
         flops, bandwidth, step, sequence = np.exp(x)
@@ -133,7 +157,7 @@ def _fit_steps(steps: list[tuple[Batch, float]], shape: ModelShape, name: str, l
 
     def residuals(x):
         cost = StepCost(shape, hardware(x))
-        return [cost.seconds(batch) / seconds - 1 for batch, seconds in steps]
+        return [np.log(cost.seconds(batch) / seconds) for batch, seconds in steps]
 
     # A roofline's slower side alone has a gradient: start from several points where both sides may bind.
     # The largest step bounds the FLOP rate from below, the fastest one the bandwidth.
@@ -141,8 +165,8 @@ def _fit_steps(steps: list[tuple[Batch, float]], shape: ModelShape, name: str, l
     flops = 2 * shape.layer_params * sum(n for _, n, _ in largest[0]) / largest[1]
     fastest = min(seconds for _, seconds in steps)
     bandwidth = (shape.layer_params + shape.head_params) * shape.dtype_bytes / fastest
-    fits = [least_squares(residuals, np.log([flops * a, bandwidth * b, fastest / 10, fastest / 100]), loss="soft_l1",
-                          f_scale=0.1) for a, b in itertools.product((1, 3, 10), repeat=2)]
+    fits = [least_squares(residuals, np.log([flops * a, bandwidth * b, fastest / 10, fastest / 100]))
+            for a, b in itertools.product((1, 3, 10), repeat=2)]
     return hardware(min(fits, key=lambda fit: fit.cost).x)
 
 
