@@ -3,7 +3,11 @@
 # markov priorities, a 60 GiB host tier over PCIe 4.0 x16, every preset, for LLaMA-8B on an A10
 # (update frequency 0.04) and Qwen-32B on an A100 (0.02); then what-ifs on the 8B setting.
 #
-#   benchmarks/sim_paper.sh OUT_DIR [RATE_8B] [RATE_32B]
+#   benchmarks/sim_paper.sh OUT_DIR [RATE_8B RATE_32B [OVERLOAD_8B OVERLOAD_32B]]
+#
+# RATE_*: conversations per second near what fastswitch sustains; OVERLOAD_*: past it, where even
+# fastswitch pauses requests all the time. The what-ifs run at OVERLOAD_8B: they are about the
+# cost of a context switch, and below it fastswitch hardly switches.
 #
 # Each run is `fastswitch sim` (the real scheduler and KV manager, a cost model of the device) and
 # writes OUT_DIR/<experiment>/<run>/results.json; each experiment gets a `bench compare` table and
@@ -12,10 +16,13 @@ set -euo pipefail
 out=$1
 rate_8b=${2:-2}
 rate_32b=${3:-1}
+overload_8b=${4:-2.5}
+overload_32b=${5:-1.5}
 presets="baseline fastswitch fastswitch-groups fastswitch-async fastswitch-reuse recompute"
 workload=(--conversations 1000 --max-context 4096 --swap-space 60 --priorities markov --no-progress)
 llama=(--model llama3-8b --profile a10 --trace-update-freq 0.04 --rate "$rate_8b")
 qwen=(--model qwen2.5-32b --profile a100-80g --trace-update-freq 0.02 --rate "$rate_32b")
+heavy=("${llama[@]}" --rate "$overload_8b")
 
 sim() {  # sim EXPERIMENT RUN [options]: one simulated run
     local dir=$out/$1/$2
@@ -24,11 +31,11 @@ sim() {  # sim EXPERIMENT RUN [options]: one simulated run
         "${workload[@]}" "$@" > /dev/null
 }
 
-compare() {  # compare EXPERIMENT RUN...: the table and plots of an experiment's runs
+compare() {  # compare EXPERIMENT RUN...: the table and plots of an experiment's runs (EXPERIMENT/RUN: another's)
     local experiment=$1
     shift
     local dirs=()
-    for run in "$@"; do dirs+=("$out/$experiment/$run"); done
+    for run in "$@"; do [[ $run == */* ]] && dirs+=("$out/$run") || dirs+=("$out/$experiment/$run"); done
     python -m fastswitch bench compare "${dirs[@]}" --out "$out/$experiment" > /dev/null
 }
 
@@ -39,31 +46,49 @@ done
 compare llama8b-a10 $presets
 compare qwen32b-a100 $presets
 
-for preset in baseline fastswitch; do
-    sim whatif-pcie5 "$preset-pcie4" --preset "$preset" "${llama[@]}"
-    sim whatif-pcie5 "$preset-pcie5" --preset "$preset" "${llama[@]}" --link pcie5
-    for block in 8 16 32; do
-        sim whatif-block-size "$preset-block$block" --preset "$preset" "${llama[@]}" --block-size "$block"
-    done
-    for freq in 0.01 0.02 0.04 0.08; do
-        sim whatif-update-freq "$preset-freq$freq" --preset "$preset" "${llama[@]}" --trace-update-freq "$freq"
-    done
-    for gib in 4 16 60; do
-        sim whatif-host-tier "$preset-host${gib}g" --preset "$preset" "${llama[@]}" --swap-space "$gib"
-    done
+for preset in $presets; do
+    sim llama8b-a10-overload "$preset" --preset "$preset" "${llama[@]}" --rate "$overload_8b"
+    sim qwen32b-a100-overload "$preset" --preset "$preset" "${qwen[@]}" --rate "$overload_32b"
 done
-compare whatif-pcie5 baseline-pcie4 baseline-pcie5 fastswitch-pcie4 fastswitch-pcie5
-compare whatif-block-size baseline-block8 baseline-block16 baseline-block32 fastswitch-block8 fastswitch-block16 \
-    fastswitch-block32
-compare whatif-update-freq baseline-freq0.01 baseline-freq0.02 baseline-freq0.04 baseline-freq0.08 \
-    fastswitch-freq0.01 fastswitch-freq0.02 fastswitch-freq0.04 fastswitch-freq0.08
-compare whatif-host-tier baseline-host4g baseline-host16g baseline-host60g fastswitch-host4g fastswitch-host16g \
-    fastswitch-host60g
+compare llama8b-a10-overload $presets
+compare qwen32b-a100-overload $presets
 
-# Policies: markov priorities sent with each request (ranked by priority, slo) against fcfs and vtc without them
-for policy in fcfs vtc; do
-    sim whatif-policy "$policy" --preset fastswitch "${llama[@]}" --priorities none --policy "$policy"
+# Load: where each configuration saturates
+for preset in baseline fastswitch; do
+    for rate in 0.5 1.0; do
+        sim whatif-load "8b-$preset-rate$rate" --preset "$preset" "${llama[@]}" --rate "$rate"
+    done
+    for rate in 0.25 0.5; do
+        sim whatif-load "32b-$preset-rate$rate" --preset "$preset" "${qwen[@]}" --rate "$rate"
+    done
 done
-sim whatif-policy trace-markov --preset fastswitch "${llama[@]}"
-sim whatif-policy slo --preset fastswitch "${llama[@]}" --priorities none --policy slo
-compare whatif-policy fcfs vtc trace-markov slo
+compare whatif-load 8b-baseline-rate0.5 8b-baseline-rate1.0 llama8b-a10/baseline llama8b-a10-overload/baseline \
+    8b-fastswitch-rate0.5 8b-fastswitch-rate1.0 llama8b-a10/fastswitch llama8b-a10-overload/fastswitch \
+    32b-baseline-rate0.25 32b-baseline-rate0.5 qwen32b-a100/baseline qwen32b-a100-overload/baseline \
+    32b-fastswitch-rate0.25 32b-fastswitch-rate0.5 qwen32b-a100/fastswitch qwen32b-a100-overload/fastswitch
+
+# What-ifs on the 8B setting at OVERLOAD_8B (the runs at PCIe 4, 16-token blocks, 0.04, 60 GiB are the overload ones)
+for preset in baseline fastswitch; do
+    sim whatif-pcie5 "$preset-pcie5" --preset "$preset" "${heavy[@]}" --link pcie5
+    for block in 8 32; do
+        sim whatif-block-size "$preset-block$block" --preset "$preset" "${heavy[@]}" --block-size "$block"
+    done
+    for freq in 0.01 0.02 0.08; do
+        sim whatif-update-freq "$preset-freq$freq" --preset "$preset" "${heavy[@]}" --trace-update-freq "$freq"
+    done
+    for gib in 4 16; do
+        sim whatif-host-tier "$preset-host${gib}g" --preset "$preset" "${heavy[@]}" --swap-space "$gib"
+    done
+done
+o=llama8b-a10-overload
+compare whatif-pcie5 $o/baseline baseline-pcie5 $o/fastswitch fastswitch-pcie5
+compare whatif-block-size baseline-block8 $o/baseline baseline-block32 fastswitch-block8 $o/fastswitch fastswitch-block32
+compare whatif-update-freq baseline-freq0.01 baseline-freq0.02 $o/baseline baseline-freq0.08 \
+    fastswitch-freq0.01 fastswitch-freq0.02 $o/fastswitch fastswitch-freq0.08
+compare whatif-host-tier baseline-host4g baseline-host16g $o/baseline fastswitch-host4g fastswitch-host16g $o/fastswitch
+
+# Policies, fastswitch: priorities re-drawn (trace, markov) against fcfs, vtc and slo without them
+for policy in fcfs vtc slo; do
+    sim whatif-policy "$policy" --preset fastswitch "${heavy[@]}" --priorities none --policy "$policy"
+done
+compare whatif-policy fcfs vtc $o/fastswitch slo

@@ -19,7 +19,8 @@ from fastswitch.slo import SLO
 
 PERCENTILES = {"p50": 50, "p95": 95, "p99": 99, "p999": 99.9}
 TABLE = [  # (column, summary key, format)
-    ("TTFT P50 s", "ttft_p50", "{:.3f}"), ("TTFT P99 s", "ttft_p99", "{:.3f}"), ("TTFT P99.9 s", "ttft_p999", "{:.3f}"),
+    ("TTFT P50 s", "ttft_p50", "{:.3f}"), ("TTFT P95 s", "ttft_p95", "{:.3f}"), ("TTFT P99 s", "ttft_p99", "{:.3f}"),
+    ("TTFT P99.9 s", "ttft_p999", "{:.3f}"),
     ("lowest level's TTFT P99 s", "lowest_level_ttft_p99", "{:.3f}"), ("TBT P50 s", "tbt_p50", "{:.4f}"),
     ("TBT P99 s", "tbt_p99", "{:.3f}"), ("TBT P99.9 s", "tbt_p999", "{:.3f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"), ("goodput req/s", "goodput_req_s", "{:.2f}"),
