@@ -63,8 +63,9 @@ class _StepTimer:
         """Less the time copies stalled it: the simulator's copy engine models that."""
         self.batch, start, stall = [], time.perf_counter(), self.stats.stall_s
         outputs = self.engine_step()
-        if self.batch:
-            self.steps.append((self.batch, time.perf_counter() - start - (self.stats.stall_s - stall)))
+        seconds = time.perf_counter() - start - (self.stats.stall_s - stall)
+        if self.batch and seconds > 0:
+            self.steps.append((self.batch, seconds))
         return outputs
 
 
