@@ -80,12 +80,16 @@ for preset in baseline fastswitch; do
         sim whatif-host-tier "$preset-host${gib}g" --preset "$preset" "${heavy[@]}" --swap-space "$gib"
     done
 done
+for gib in 4 16; do  # recomputation keeps no paused request's KV on the host, only cached histories
+    sim whatif-host-tier "recompute-host${gib}g" --preset recompute "${heavy[@]}" --swap-space "$gib"
+done
 o=llama8b-a10-overload
 compare whatif-pcie5 $o/baseline baseline-pcie5 $o/fastswitch fastswitch-pcie5
 compare whatif-block-size baseline-block8 $o/baseline baseline-block32 fastswitch-block8 $o/fastswitch fastswitch-block32
 compare whatif-update-freq baseline-freq0.01 baseline-freq0.02 $o/baseline baseline-freq0.08 \
     fastswitch-freq0.01 fastswitch-freq0.02 $o/fastswitch fastswitch-freq0.08
-compare whatif-host-tier baseline-host4g baseline-host16g $o/baseline fastswitch-host4g fastswitch-host16g $o/fastswitch
+compare whatif-host-tier baseline-host4g baseline-host16g $o/baseline fastswitch-host4g fastswitch-host16g $o/fastswitch \
+    recompute-host4g recompute-host16g $o/recompute
 
 # Policies, fastswitch: priorities re-drawn (trace, markov) against fcfs, vtc and slo without them
 for policy in fcfs vtc slo; do
