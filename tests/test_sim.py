@@ -187,6 +187,15 @@ def test_a_seed_gives_one_result_and_another_seed_another():
     assert a.stats.preemptions > 0 and (ra, da) != (rc, dc)
 
 
+def test_the_kv_pool_is_what_the_memory_leaves_after_weights_and_activations():
+    shape, a10 = SHAPES["llama3-8b"], HARDWARE["a10"]
+    for utilization in (0.9, 0.8):
+        core = simulated_core(EngineConfig(device="cpu", gpu_memory_utilization=utilization, swap_space=1), shape, a10)
+        left = 24 * 2**30 * utilization - shape.weight_bytes - 2**30  # 2 MiB blocks: 16 tokens of 128 KiB
+        assert core.kv.num_blocks == int(left // 2**21) and core.kv.host.allocator.num_blocks == 512
+    assert simulated_core(EngineConfig(device="cpu", num_kv_blocks=7), shape, a10).kv.num_blocks == 7
+
+
 def test_profiles_and_shapes_by_name_and_from_files(tmp_path):
     assert load_hardware("h100").link.h2d_bytes_per_s == 50e9 and load_hardware("a10").with_link("pcie5").link.h2d_bytes_per_s == 50e9
     path = tmp_path / "profile.json"

@@ -154,7 +154,7 @@ def _fit_steps(steps: list[tuple[Batch, float]], shape: ModelShape, name: str, l
         flops, bandwidth, step, sequence = np.exp(x)
         return Hardware(name, float(flops), float(bandwidth), _memory_bytes(), link, flops_efficiency=1.0,
                         memory_efficiency=1.0, step_overhead_s=float(step), sequence_overhead_s=float(sequence),
-                        memory_utilization=1.0, activation_bytes=0.0)
+                        activation_bytes=0.0)
 
     def residuals(x):
         cost = StepCost(shape, hardware(x))

@@ -44,12 +44,12 @@ class Hardware:
     memory_efficiency: float = 0.8  # of peak bandwidth, reached streaming weights and KV
     step_overhead_s: float = 2e-3  # every iteration: scheduling, input preparation, sampling, launches
     sequence_overhead_s: float = 2e-5  # and per request in the batch
-    memory_utilization: float = 0.9  # of device memory the engine takes (vLLM's gpu_memory_utilization)
     activation_bytes: float = 2**30  # kept back from the KV pool for activations
 
-    def kv_blocks(self, weight_bytes: int, block_bytes: int) -> int:
-        """The device KV pool in blocks: what is left of the engine's share after weights and activations."""
-        free = self.memory_bytes * self.memory_utilization - weight_bytes - self.activation_bytes
+    def kv_blocks(self, weight_bytes: int, block_bytes: int, memory_utilization: float) -> int:
+        """The device KV pool in blocks: what is left of the engine's share of memory after the weights and
+        activations."""
+        free = self.memory_bytes * memory_utilization - weight_bytes - self.activation_bytes
         if free < block_bytes:
             raise ValueError(f"{self.name}: {self.memory_bytes / 2**30:.0f} GiB leaves no room for KV after "
                              f"{weight_bytes / 2**30:.1f} GiB of weights")

@@ -1,8 +1,8 @@
 """The engine with simulated parts: the real `EngineCore` (scheduler, policies, KV manager,
 allocators) given a cost-model executor, a simulated copy engine and a simulated clock.
 
-The device KV pool is `num_kv_blocks`, else `kv_cache_memory_bytes`, else what the hardware's
-memory leaves after the weights and activations;
+The device KV pool is `num_kv_blocks`, else `kv_cache_memory_bytes`, else what
+`gpu_memory_utilization` of the hardware's memory leaves after the weights and activations;
 the host tier is `swap_space` GiB, as on a real engine.
 """
 
@@ -24,7 +24,8 @@ def simulated_core(config: EngineConfig, shape: ModelShape, hardware: Hardware) 
     block_bytes = shape.kv_bytes_per_token * config.block_size
     budget = config.kv_cache_memory_bytes
     num_blocks = config.num_kv_blocks or (budget // block_bytes if budget else
-                                          hardware.kv_blocks(shape.weight_bytes, block_bytes))
+                                          hardware.kv_blocks(shape.weight_bytes, block_bytes,
+                                                             config.gpu_memory_utilization))
     num_host_blocks = int(config.swap_space * 2**30) // block_bytes
     max_model_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
     executor = CostModelExecutor(StepCost(shape, hardware), clock)
