@@ -1,5 +1,6 @@
 """Requests paused and resumed at random steps produce exactly the tokens of an undisturbed run."""
 
+import logging
 import random
 
 import pytest
@@ -59,11 +60,13 @@ def test_each_ablation_keeps_the_tokens(off, model_dirs, prompts, undisturbed):
 
 
 @pytest.mark.parametrize("swap_mode", ["fastswitch", "baseline"])
-def test_a_full_host_tier_falls_back_to_recomputation(swap_mode, model_dirs, prompts, undisturbed):
+def test_a_full_host_tier_falls_back_to_recomputation(swap_mode, model_dirs, prompts, undisturbed, caplog):
     llm = LLM(model_dirs["llama"], dtype="float32", device="cpu", num_kv_blocks=128, swap_mode=swap_mode,
               swap_space=TINY_HOST_GIB)
-    assert run_with_random_preemptions(llm, prompts, seed=2) == undisturbed["llama"]
+    with caplog.at_level(logging.WARNING, logger="fastswitch.engine.scheduler"):
+        assert run_with_random_preemptions(llm, prompts, seed=2) == undisturbed["llama"]
     assert llm.engine.stats.recompute_fallbacks > 0 and llm.engine.stats.swap_out_blocks > 0
+    assert len([r for r in caplog.records if "host KV tier full" in r.message]) == 1  # one line, however many
 
 
 def test_preemption_by_recomputation(model_dirs, prompts, undisturbed):

@@ -222,7 +222,10 @@ class Scheduler:
                 self.kv.stats.swap_preemptions += 1
                 return
             self.kv.stats.recompute_fallbacks += 1
-            log.warning("host KV tier full: %s preempted by recomputation instead of swap", request.request_id)
+            if self.kv.stats.recompute_fallbacks == 1:  # once: a run short of host memory has thousands
+                log.warning("host KV tier full: %s preempted by recomputation instead of swap (the next ones are "
+                            "counted, not logged: fastswitch:recompute_fallbacks_total; a larger swap_space "
+                            "avoids them)", request.request_id)
         self.kv.stats.recompute_preemptions += 1
         self.kv.release(request)
         request.num_computed_tokens = 0
