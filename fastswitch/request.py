@@ -55,6 +55,7 @@ class Request:
         self.token_ids = list(prompt_token_ids)  # prompt, then every generated token
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the device pool (written by the scheduler only)
+        self.cached_at_arrival = 0  # prompt tokens the prefix cache held when it arrived: an estimate of its reuse
         self.block_ids: list[int] = []  # device blocks, in token order
         self.host_block_ids: list[int] = []  # host copy, in token order: valid for the first host_tokens tokens
         self.host_tokens = 0

@@ -126,3 +126,20 @@ def test_block_cache_refcounts_never_free_a_block_in_use(num_blocks, ops):
     cache.drop(held)
     cache.evict(num_blocks)
     assert cache.allocator.num_free == num_blocks
+
+
+def test_an_arriving_turn_knows_how_much_of_it_the_cache_holds(llama_dir, conversation):
+    """The slo policy's estimate of a waiting request's prefill counts only what the cache does not hold."""
+    llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64, policy="slo")
+    prompt, question = conversation
+    first = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    engine, turn = llm.engine, prompt + first.token_ids + question
+    request_id = engine.add_request(turn, GREEDY)
+    request = engine.core.scheduler.requests[request_id]
+    assert request.cached_at_arrival == (len(prompt) + len(first.token_ids) - 1) // BLOCK * BLOCK > 0
+    costs = engine.core.scheduler.costs
+    assert costs.next_token_s(request) == pytest.approx((len(turn) - request.cached_at_arrival - 1)
+                                                        / costs.prefill_tokens_per_s + costs.step_s)
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    assert outputs[0].num_cached_tokens == request.cached_at_arrival  # the estimate was what admission reused

@@ -23,9 +23,12 @@ class CostModel:
 
     def next_token_s(self, request: Request) -> float:
         """From now until the request could have its next token: its KV copied back if paused, the
-        tokens it has no KV for computed, and one step."""
+        tokens it has no KV for computed (less, before it first starts, the prefix the cache held when
+        it arrived), and one step."""
         copy_in = len(request.host_block_ids) * self.block_bytes / self.copy_bytes_per_s
-        to_compute = request.num_tokens - request.num_computed_tokens - 1
+        fresh = request.status == Status.WAITING and not request.num_output_tokens
+        reused = request.cached_at_arrival if fresh else request.num_computed_tokens
+        to_compute = request.num_tokens - reused - 1
         paused = copy_in if request.status == Status.SWAPPED else 0.0
         return paused + to_compute / self.prefill_tokens_per_s + self.step_s
 

@@ -75,6 +75,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.seq, self._seq = self._seq, self._seq + 1
+        request.cached_at_arrival = self.kv.cached_prefix_tokens(request)
         self.policy.on_arrival(request, self.unfinished())
         self.requests[request.request_id] = request
         self.waiting.append(request)

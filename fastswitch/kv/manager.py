@@ -118,6 +118,11 @@ class KVManager:
         self._grow_to(request, reused + n)
         return reused, n
 
+    def cached_prefix_tokens(self, request: Request) -> int:
+        """Tokens of a waiting request's prefix that admitting it now would reuse (device and host)."""
+        on_device, on_host = self._lookup(request)
+        return (len(on_device) + len(on_host)) * self.block_size
+
     def _lookup(self, request: Request) -> tuple[list[int], list[int]]:
         """The longest cached prefix: device blocks, then host blocks continuing it; one token is left
         to compute, so there are logits to sample from."""
