@@ -35,7 +35,9 @@ def test_a_padded_decode_step_attends_and_writes_as_the_step_does(data):
     assert inputs.input_ids[:size].tolist() == ids + [0] * (size - n)
     assert inputs.positions[:n].tolist() == [c - 1 for c in batch.seq_lens]
 
-    pad = lambda x: torch.cat([x, torch.randn(size - n, *x.shape[1:])])  # noqa: E731
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.randn(size - n, *x.shape[1:])])
+
     padded_pool, step_pool = pool.clone(), pool.clone()
     got = inputs.metadata(size).attend(pad(q), pad(k), pad(v), padded_pool[:, layer, 0], padded_pool[:, layer, 1],
                                        q.shape[-1] ** -0.5)
