@@ -345,20 +345,16 @@ def _offline(engine, conversations, progress: bool = True):
 def _write_results(args, label: str, config: EngineConfig, records, duration: float, counters: dict,
                    run: dict) -> None:
     import dataclasses
-    import json
-    import platform
 
-    from fastswitch.bench import report
+    from fastswitch.bench import machine, report
 
     summary = report.summarize(records, duration, counters, config.slo())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"label": label, **run, "command": "fastswitch " + " ".join(sys.argv[1:]),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.node()} {platform.machine()} "
-               f"{os.cpu_count()} cores", "config": None if run.get("url") else dataclasses.asdict(config),
-               "workload": {k: v for k, v in vars(args).items() if k in _WORKLOAD_ARGS}, "summary": summary,
-               "requests": [dataclasses.asdict(r) for r in records]}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine.describe(), "config": None if run.get("url") else dataclasses.asdict(config),
+               "workload": {k: v for k, v in vars(args).items() if k in _WORKLOAD_ARGS}, "summary": summary}
+    report.write(out, results, records)
     print(report.table([results]))
     print(f"wrote {out / 'results.json'}")
 

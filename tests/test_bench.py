@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastswitch.bench.report import jain_index, summarize
+from fastswitch.bench.report import jain_index, load, load_requests, summarize
 from fastswitch.bench.runner import PRESETS, RequestRecord, _priorities
 from fastswitch.bench.workload import SyntheticSpec, synthetic
 from fastswitch.config import EngineConfig
@@ -67,11 +67,14 @@ def test_offline_runs_and_their_comparison(tmp_path, capsys, llama_dir):
         code, out, _ = run_cli(capsys, "bench", "run", "--preset", preset, "--model", llama_dir,
                                "--out", str(tmp_path / preset), *WORKLOAD)
         assert code == 0 and f"| {preset} |" in out
-    runs = {p: json.loads((tmp_path / p / "results.json").read_text()) for p in ("baseline", "fastswitch")}
+    runs = {p: load(tmp_path / p) for p in ("baseline", "fastswitch")}
     for preset, run in runs.items():
         assert run["summary"].keys() >= SUMMARY_KEYS and run["config"]["policy"] == "trace"
-        assert len(run["requests"]) == sum(len(c.turns) for c in conversations)
-        assert sum(r["output_tokens"] for r in run["requests"]) == sum(t.reply_len for c in conversations for t in c.turns)
+        requests = load_requests(tmp_path / preset)
+        assert len(requests) == sum(len(c.turns) for c in conversations)
+        assert sum(r["output_tokens"] for r in requests) == sum(t.reply_len for c in conversations for t in c.turns)
+        assert run["ttft_quantiles"] == sorted(run["ttft_quantiles"])
+        assert run["ttft_quantiles"][-1] == pytest.approx(max(r["ttft_s"] for r in requests), abs=1e-6)
         assert run["summary"]["preemptions"] > 0 and run["summary"]["swap_out_blocks"] > 0, "memory was not tight"
     assert runs["baseline"]["summary"]["reuse_saved_blocks"] == 0 and runs["baseline"]["config"]["swap_mode"] == "baseline"
     assert runs["fastswitch"]["summary"]["swap_copies"] < runs["baseline"]["summary"]["swap_copies"]
@@ -89,11 +92,11 @@ def test_http_run_against_a_fastswitch_server(tmp_path, capsys, llama_dir):
     code, out, _ = run_cli(capsys, "bench", "run", "--mode", "http", "--priorities", "random", "--policy", "slo",
                            "--model", llama_dir, "--out", str(tmp_path / "http"), *WORKLOAD)
     assert code == 0
-    run = json.loads((tmp_path / "http" / "results.json").read_text())
+    run, requests = load(tmp_path / "http"), load_requests(tmp_path / "http")
     assert run["mode"] == "http" and run["summary"]["preemptions"] is not None and run["config"]["policy"] == "slo"
     assert set(run["summary"]["slo_attainment_by_priority"]) <= {"0", "1", "2", "3"}
-    assert {r["priority"] for r in run["requests"]} <= {0, 1, 2, 3}
-    later_turns = [r for r in run["requests"] if r["turn"] > 0]
+    assert {r["priority"] for r in requests} <= {0, 1, 2, 3}
+    later_turns = [r for r in requests if r["turn"] > 0]
     assert later_turns and any(r["cached_tokens"] > 0 for r in later_turns), "turns did not reuse their history"
 
 
@@ -115,6 +118,21 @@ def test_a_sharegpt_file_drives_a_run(tmp_path, capsys, llama_dir):
     code, _, _ = run_cli(capsys, "bench", "run", "--workload", str(tmp_path / "sharegpt.json"), "--model", llama_dir,
                          "--rate", "50", "--out", str(tmp_path / "run"))
     assert code == 0
-    run = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert sorted(r["id"] for r in run["requests"]) == ["a:0", "a:1", "b:0"]
-    assert run["requests"][0]["output_tokens"] > 0 and run["workload"]["workload"].endswith("sharegpt.json")
+    run, requests = load(tmp_path / "run"), load_requests(tmp_path / "run")
+    assert sorted(r["id"] for r in requests) == ["a:0", "a:1", "b:0"]
+    assert requests[0]["output_tokens"] > 0 and run["workload"]["workload"].endswith("sharegpt.json")
+
+
+def test_a_run_keeps_its_records_beside_it_only_while_they_compress_small(tmp_path, monkeypatch):
+    from fastswitch.bench import report
+
+    records = [record(i, ttft=i / 100, tbt=[0.01 * (i % 7)] * 50, priority=i % 4) for i in range(1, 401)]
+    report.write(tmp_path, {"label": "x", "summary": summarize(records, 10.0, {})}, records)
+    kept = load_requests(tmp_path)
+    assert [r["id"] for r in kept] == [r.id for r in records] and kept[5]["tbt_s"] == pytest.approx(records[5].tbt_s)
+    assert load(tmp_path)["ttft_quantiles"][0] == 0.01 and load(tmp_path)["ttft_quantiles"][-1] == 4.0
+    monkeypatch.setattr(report, "REQUESTS_LIMIT_BYTES", 1024)
+    report.write(tmp_path, {"label": "x", "summary": {}}, records)
+    assert load(tmp_path)["requests_file"] is None and not (tmp_path / report.REQUESTS_FILE).exists()
+    with pytest.raises(ValueError, match="rerun its command"):
+        load_requests(tmp_path)

@@ -1,4 +1,10 @@
-"""Benchmark figures from per-request records, and the side-by-side of several runs (table and plots).
+"""Benchmark figures from per-request records, a run's files, and the side-by-side of several runs (table
+and plots).
+
+A run is `results.json` (label, command, machine, configuration, workload, summary, and the TTFT
+quantiles its CDF plot needs: a few KB) and, when it compresses to at most `REQUESTS_LIMIT_BYTES`,
+`requests.json.gz` beside it: every request's record, times rounded to the microsecond. A larger
+run keeps only results.json; its command regenerates the records.
 
 Latencies are in seconds. TTFT is measured from a request's arrival (offline) or from when it was
 sent (HTTP); TBT pools every gap between consecutive tokens of every request. A request meets the
@@ -8,7 +14,10 @@ is over per-user service, counted as VTC counts it by default (a prompt token 1,
 1 when every user got the same, 1/users when one got everything.
 """
 
+import dataclasses
+import gzip
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,6 +26,10 @@ import numpy as np
 from fastswitch.bench.runner import COUNTERS, RequestRecord
 from fastswitch.slo import SLO
 
+log = logging.getLogger(__name__)
+REQUESTS_FILE = "requests.json.gz"
+REQUESTS_LIMIT_BYTES = 256 * 1024
+CDF_QUANTILES = [*np.linspace(0, 0.99, 100), 0.995, 0.999, 0.9995, 1.0]  # the CDF plot's points, dense at the tail
 PERCENTILES = {"p50": 50, "p95": 95, "p99": 99, "p999": 99.9}
 TABLE = [  # (column, summary key, format)
     ("TTFT P50 s", "ttft_p50", "{:.3f}"), ("TTFT P95 s", "ttft_p95", "{:.3f}"), ("TTFT P99 s", "ttft_p99", "{:.3f}"),
@@ -72,7 +85,35 @@ def jain_index(records: list[RequestRecord]) -> float | None:
     return float(x.sum() ** 2 / (len(x) * (x**2).sum())) if len(x) and x.any() else None
 
 
-# -- comparing runs -------------------------------------------------------------------------------------
+# -- a run's files --------------------------------------------------------------------------------------
+
+
+def write(out_dir: Path, results: dict, records: list[RequestRecord]) -> None:
+    """results.json with the TTFT quantiles for plots, and the records beside it if they compress small enough."""
+    ttft = [r.ttft_s for r in records]
+    results = results | {"ttft_quantiles": _rounded(np.quantile(ttft, CDF_QUANTILES).tolist()) if ttft else []}
+    packed = gzip.compress(json.dumps([_rounded(dataclasses.asdict(r)) for r in records],
+                                      separators=(",", ":")).encode(), mtime=0)
+    requests_file = out_dir / REQUESTS_FILE
+    if len(packed) <= REQUESTS_LIMIT_BYTES:
+        requests_file.write_bytes(packed)
+        results["requests_file"] = REQUESTS_FILE
+    else:
+        requests_file.unlink(missing_ok=True)
+        results["requests_file"] = None
+        log.info("per-request records not kept: %d KiB compressed, over the %d KiB limit (the command regenerates "
+                 "them)", len(packed) // 1024, REQUESTS_LIMIT_BYTES // 1024)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
 
 
 def load(run_dir: str | Path) -> dict:
@@ -80,6 +121,18 @@ def load(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{run_dir}: no results.json (write one with 'fastswitch bench run --out {run_dir}')")
     return json.loads(path.read_text())
+
+
+def load_requests(run_dir: str | Path) -> list[dict]:
+    """A run's per-request records (`RequestRecord` fields), if it kept them."""
+    name = load(run_dir).get("requests_file")
+    if not name:
+        raise ValueError(f"{run_dir}: its per-request records were not kept (over {REQUESTS_LIMIT_BYTES // 1024} KiB "
+                         "compressed); rerun its command to regenerate them")
+    return json.loads(gzip.decompress((Path(run_dir) / name).read_bytes()))
+
+
+# -- comparing runs -------------------------------------------------------------------------------------
 
 
 def table(runs: list[dict]) -> str:
@@ -115,8 +168,8 @@ def plot(runs: list[dict], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
-        ttft = np.sort([r["ttft_s"] for r in run["requests"]])
-        ax.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=run["label"])
+        if run.get("ttft_quantiles"):  # runs recorded as summaries alone have none
+            ax.plot(run["ttft_quantiles"], CDF_QUANTILES, label=run["label"])
     ax.set(xscale="log", xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -148,7 +201,7 @@ def plot(runs: list[dict], out_dir: Path) -> list[Path]:
         for i, run in enumerate(runs):
             s, x = run["summary"], np.arange(len(levels)) + i * width
             ttft_ax.bar(x, [s["ttft_p99_by_priority"].get(p) or 0 for p in levels], width, label=run["label"])
-            slo_ax.bar(x, [100 * (s["slo_attainment_by_priority"].get(p) or 0) for p in levels], width,
+            slo_ax.bar(x, [100 * (s.get("slo_attainment_by_priority", {}).get(p) or 0) for p in levels], width,
                        label=run["label"])
         for ax in (ttft_ax, slo_ax):
             ax.set_xticks(np.arange(len(levels)) + width * (len(runs) - 1) / 2, [f"priority {p}" for p in levels])
