@@ -143,8 +143,10 @@ def _sim_parser(commands) -> None:
         description="Run 'bench run --mode offline' in simulated time: the engine's own scheduler, policies, "
                     "allocators and KV manager, with a cost model of the device for each iteration and of the host "
                     "link for each swap. Writes the same DIR/results.json (mode 'sim'). --model is a built-in shape "
-                    f"({', '.join(SHAPES)}) or a model folder (its config.json is enough); default: llama3-8b. "
-                    "'fastswitch sim calibrate' measures this machine into a profile.")
+                    f"({', '.join(SHAPES)}) or a model folder (its config.json is enough); default: with a profile "
+                    "that 'sim calibrate' wrote, the model it measured (and its --dtype, and on a CPU the CPU "
+                    "engine's 1 GiB KV pool unless a pool size is given), as 'bench run' would run; with a built-in "
+                    "profile, llama3-8b. 'fastswitch sim calibrate' measures this machine into a profile.")
     _run_args(sim, "how priorities change per iteration (trace policy, --trace-update-freq); none: the engine's "
                    "--policy decides (default: markov)", out_required=False)
     sim.add_argument("--profile", default="a10", help=f"hardware: {', '.join(HARDWARE)}, or a profile file that "
@@ -158,8 +160,10 @@ def _sim_parser(commands) -> None:
         "calibrate", help="measure this machine's engine into a hardware profile",
         description="Time the real engine on this machine (iterations of many batch shapes: prefill chunks, decode "
                     "batches over short and long contexts) and its swap manager (copies of many sizes, both modes), "
-                    "fit the simulator's cost model to them, and write the profile as JSON for 'fastswitch sim "
-                    "--profile FILE' (with the same --model and --dtype).")
+                    "fit the simulator's cost model to them, and measure this machine's peaks (memory read, matmul "
+                    "and memcpy bandwidth) to state the fit as peak x efficiency; write the profile as JSON for "
+                    "'fastswitch sim --profile FILE', which takes the model, dtype and device it records unless "
+                    "given others.")
     calibrate.add_argument("--out", required=True, help="profile file to write (JSON)")
     calibrate.add_argument("--name", help="the profile's name (default: calibrated-HOSTNAME)")
     EngineConfig.add_cli_args(calibrate)
@@ -277,13 +281,12 @@ def _bench_run(args) -> int:
 
 def _sim(args) -> int:
     from fastswitch.model.tokenizer import Tokenizer
-    from fastswitch.sim.profiles import load_hardware, load_shape
+    from fastswitch.sim.profiles import load_hardware, load_shape, sim_defaults
     from fastswitch.sim.simulator import simulated_engine
 
     if args.out is None:
         raise ValueError("fastswitch sim: --out is required")
-    config = _run_config(args, offline=True)
-    model = config.model or "llama3-8b"
+    config, model = sim_defaults(_run_config(args, offline=True), args.profile)  # a calibrated profile's model
     shape, hardware = load_shape(model, config.dtype), load_hardware(args.profile)
     hardware = hardware.with_link(args.link) if args.link else hardware
     tokenizer = Path(model) if (Path(model) / "tokenizer.json").is_file() else default_model_path()  # else the demo's
@@ -303,10 +306,11 @@ def _sim_calibrate(args) -> int:
     import json
     import platform
 
-    from fastswitch.sim.calibrate import calibrate
+    from fastswitch.sim.calibrate import calibrate, report
 
     profile = calibrate(EngineConfig.from_cli_args(args), args.name or f"calibrated-{platform.node()}")
     Path(args.out).write_text(json.dumps(profile, indent=1))
+    print("\n".join(report(profile["measured"])))
     print(f"wrote {args.out}: {', '.join(f'{k}={v:.3g}' for k, v in profile.items() if isinstance(v, float))}")
     return 0
 

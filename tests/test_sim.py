@@ -3,9 +3,12 @@ by them (every request finishes, no block leaked or held twice, one result per s
 
 import dataclasses
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +18,7 @@ from fastswitch.config import EngineConfig
 from fastswitch.messages import AddRequest, Copy
 from fastswitch.model.tokenizer import Tokenizer
 from fastswitch.sampling import SamplingParams
-from fastswitch.sim import calibrate
+from fastswitch.sim import calibrate, profiles
 from fastswitch.sim.clock import SimClock
 from fastswitch.sim.copies import SimCopyEngine
 from fastswitch.sim.cost import StepCost
@@ -259,18 +262,95 @@ def test_sim_runs_compare_with_real_ones(tmp_path, capsys, llama_dir):
     assert (tmp_path / "cmp" / "tail_latency.png").stat().st_size > 0
 
 
+def test_the_peaks_are_positive_and_finite():
+    for dtype in (torch.float32, torch.bfloat16):
+        peaks = calibrate.measure_peaks(dtype, read_bytes=2**20, copy_bytes=2**20, matmul_max=64, repeats=2)
+        rates = [peaks[k] for k in ("read_bytes_per_s", "matmul_flops_per_s", "memcpy_bytes_per_s")]
+        assert all(math.isfinite(r) and r > 0 for r in rates), peaks
+        assert (peaks["matmul_n"], peaks["matmul_dtype"]) == (64, str(dtype).removeprefix("torch."))
+
+
+def test_a_fit_is_stated_as_measured_peak_times_efficiency():
+    peaks = {"matmul_flops_per_s": 2000.0, "read_bytes_per_s": 4000.0, "memcpy_bytes_per_s": 200.0}
+    effective = dataclasses.replace(HW, flops_efficiency=1.0, memory_efficiency=1.0)
+    hardware, measured = calibrate._against_peaks(effective, peaks)
+    assert (hardware.peak_flops, hardware.flops_efficiency) == (2000.0, 0.5)  # 1000 FLOP/s fitted
+    assert (hardware.memory_bytes_per_s, hardware.memory_efficiency) == (4000.0, 0.25)
+    assert measured["efficiency"] == {"flops": 0.5, "memory": 0.25, "h2d": 0.5, "d2h": 0.25}
+    assert StepCost(SHAPE, hardware).seconds([(5, 3, True)]) == pytest.approx(
+        StepCost(SHAPE, effective).seconds([(5, 3, True)]))
+
+
 def test_calibrate_writes_a_profile_the_simulator_takes(tmp_path, capsys, llama_dir, monkeypatch):
     monkeypatch.setattr(calibrate, "BATCHES", [(1, 64, 1), (2, 16, 4), (4, 128, 4)])
     monkeypatch.setattr(calibrate, "COPY_BLOCKS", (1, 16))
     monkeypatch.setattr(calibrate, "CONVERSATIONS", SyntheticSpec(conversations=2, rate=20, output_mean=8,
                                                                   max_context=200))
+    monkeypatch.setattr(calibrate, "PEAKS", {"read_bytes": 2**22, "copy_bytes": 2**22, "matmul_max": 128,
+                                             "repeats": 2})
     profile = tmp_path / "profile.json"
     code, out, _ = run_cli(capsys, "sim", "calibrate", "--model", llama_dir, "--num-kv-blocks", "64",
                            "--swap-space", "0.01", "--out", str(profile))
-    assert code == 0 and "wrote" in out
+    assert code == 0 and "wrote" in out and "x the read bandwidth" in out and "x the matmul peak" in out
+    assert profile.stat().st_size < 8000  # a summary, not the samples
     data = json.loads(profile.read_text())
-    assert data["peak_flops"] > 0 and data["link"]["copy_latency_s"] >= 0 and len(data["measured"]["steps"]) > 5
-    code, _, _ = run_cli(capsys, "sim", "--profile", str(profile), "--model", llama_dir, "--out", str(tmp_path / "run"),
+    measured = data["measured"]
+    peaks, fitted, efficiency = measured["peaks"], measured["fitted"], measured["efficiency"]
+    assert data["peak_flops"] > 0 and data["link"]["copy_latency_s"] >= 0 and measured["steps"] > 5
+    # the fit is the measured peak x the efficiency it implies, and each efficiency is fitted ÷ measured
+    assert (data["peak_flops"], data["memory_bytes_per_s"]) == (peaks["matmul_flops_per_s"], peaks["read_bytes_per_s"])
+    assert efficiency["flops"] == pytest.approx(fitted["flops_per_s"] / peaks["matmul_flops_per_s"])
+    assert efficiency["memory"] == pytest.approx(fitted["memory_bytes_per_s"] / peaks["read_bytes_per_s"])
+    assert efficiency["h2d"] == pytest.approx(data["link"]["h2d_bytes_per_s"] / peaks["memcpy_bytes_per_s"])
+    assert efficiency["d2h"] == pytest.approx(fitted["d2h_bytes_per_s"] / peaks["memcpy_bytes_per_s"])
+    assert data["peak_flops"] * data["flops_efficiency"] == pytest.approx(fitted["flops_per_s"])
+    assert data["memory_bytes_per_s"] * data["memory_efficiency"] == pytest.approx(fitted["memory_bytes_per_s"])
+    assert (measured["model_path"], measured["device"], measured["kv"]["num_kv_blocks"]) == (
+        str(Path(llama_dir).resolve()), "cpu", 64)
+    assert load_hardware(str(profile)).flops_efficiency == data["flops_efficiency"]
+    # no --model: the model (and the dtype) the profile was measured with, not llama3-8b
+    code, _, _ = run_cli(capsys, "sim", "--profile", str(profile), "--out", str(tmp_path / "run"), *SIM_WORKLOAD)
+    assert code == 0
+    run = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert run["model_shape"] == Path(llama_dir).name and run["config"]["dtype"] == measured["dtype"]
+
+
+def _calibrated(tmp_path, **measured) -> str:
+    path = tmp_path / "calibrated.json"
+    path.write_text(json.dumps(HW.to_json() | {"measured": measured}))
+    return str(path)
+
+
+def test_sim_takes_a_calibrated_profiles_model_dtype_and_cpu_pool(tmp_path, llama_dir):
+    from fastswitch.config import CPU_KV_CACHE_BYTES
+    from fastswitch.model.demo import default_model_path
+
+    profile = _calibrated(tmp_path, model_path=llama_dir, dtype="float32", device="cpu")
+    config, model = profiles.sim_defaults(EngineConfig(), profile)
+    assert (model, config.dtype, config.kv_cache_memory_bytes) == (llama_dir, "float32", CPU_KV_CACHE_BYTES)
+    # what is given stays: the dtype is the profile's only for the model it measured
+    config, model = profiles.sim_defaults(EngineConfig(model="llama3-8b", dtype="auto", num_kv_blocks=7), profile)
+    assert (model, config.dtype, config.num_kv_blocks, config.kv_cache_memory_bytes) == ("llama3-8b", "auto", 7, None)
+    config, _ = profiles.sim_defaults(EngineConfig(dtype="bfloat16"), profile)
+    assert config.dtype == "bfloat16"
+    # the tiny demo model (calibrated without --model)
+    config, model = profiles.sim_defaults(EngineConfig(), _calibrated(tmp_path, model_path=None, dtype="float32",
+                                                              device="cpu"))
+    assert model == str(default_model_path()) and config.dtype == "float32"
+
+
+def test_sim_with_a_built_in_profile_and_no_model_simulates_llama3_8b(tmp_path, capsys):
+    assert profiles.sim_defaults(EngineConfig(), "h100") == (EngineConfig(), "llama3-8b")
+    code, out, _ = run_cli(capsys, "sim", "--profile", "a10", "--out", str(tmp_path / "run"), *SIM_WORKLOAD)
+    assert code == 0 and "llama3-8b on a10" in out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["model_shape"] == "llama3-8b"
+
+
+def test_a_profile_that_records_no_model_needs_one(tmp_path, capsys, llama_dir):
+    old = _calibrated(tmp_path, model="demo-llama-tiny", dtype="bfloat16", steps=[])  # before profiles named one
+    code, _, err = run_cli(capsys, "sim", "--profile", old, "--out", str(tmp_path / "a"), *SIM_WORKLOAD)
+    assert code == 2 and "give --model" in err and err.count("\n") == 1
+    code, _, _ = run_cli(capsys, "sim", "--profile", old, "--model", llama_dir, "--out", str(tmp_path / "b"),
                          *SIM_WORKLOAD)
     assert code == 0
 

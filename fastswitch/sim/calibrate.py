@@ -11,6 +11,13 @@ model to it.
   layer and K/V) and in fastswitch mode made inline (one per run), out and in, of many sizes; a
   copy's latency and each direction's bandwidth are fitted to time = copies x latency + bytes ÷
   bandwidth.
+- Peaks: this machine's memory read bandwidth (summing a 1 GiB float32 tensor), matmul rate in the
+  model's dtype and host memcpy bandwidth (`copy_` of 512 MiB), each the best of several. The
+  profile states the fit as peak x efficiency (the fitted FLOP rate ÷ the matmul peak, the fitted
+  bandwidth ÷ the read bandwidth), and its "measured" block has the peaks, the fitted figures and
+  their ratios, the copy fit's against memcpy too. An efficiency far from what the hardware can
+  do (a "bandwidth" that is a quarter of what a plain read reaches, or copies faster than memcpy)
+  says the fitted figure stands for something else: fixed costs, caches, a shape the model lacks.
 """
 
 import dataclasses
@@ -19,10 +26,13 @@ import logging
 import os
 import random
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.optimize import least_squares
 
+from fastswitch.bench import machine
 from fastswitch.bench.runner import run_offline
 from fastswitch.bench.workload import SyntheticSpec, synthetic
 from fastswitch.config import EngineConfig
@@ -41,6 +51,9 @@ BATCHES = [(1, n, 1) for n in (16, 64, 256, 1024, 2000)] + [(b, c, 16) for b in 
 COPY_BLOCKS = (1, 4, 16, 64, 256)
 REPEATS = 3
 CONVERSATIONS = SyntheticSpec(conversations=16, rate=4, output_mean=60, think_mean_s=0.5, max_context=1024, seed=1000)
+# the peaks: bytes summed, bytes copied, the largest square matmul (doubled from 128 until one takes MATMUL_S)
+PEAKS = {"read_bytes": 2**30, "copy_bytes": 2**29, "matmul_max": 4096, "repeats": 5}
+MATMUL_S = 0.1
 Batch = list[tuple[int, int, bool]]
 
 
@@ -70,26 +83,106 @@ class _StepTimer:
 
 
 def calibrate(config: EngineConfig, name: str) -> dict:
-    """The fitted profile as JSON-ready data, with the measurements it was fitted to.
+    """The fitted profile as JSON-ready data, with a summary of the measurements it was fitted to.
 
     The batches run on a roomy KV pool; the conversations on `config`'s (tight, to see preemptions)."""
     roomy = Engine(dataclasses.replace(config, num_kv_blocks=None, kv_cache_memory_bytes=None))
-    shape = ModelShape.from_config(roomy.core.executor.cfg, _dtype_name(roomy.core.executor.dtype))
+    runner = roomy.core.executor
+    shape = ModelShape.from_config(runner.cfg, _dtype_name(runner.dtype))
     timer = _StepTimer(roomy)
     _run_batches(roomy, BATCHES[:8])  # warm-up: kernels built, caches and allocator pools filled
     timer.steps.clear()
     _run_batches(roomy, BATCHES)
     steps = timer.steps
-    copies = _time_copies(roomy.core.executor.executor.kv.data, roomy.core.swapper)
+    copies = _time_copies(runner.kv.data, roomy.core.swapper)
     roomy.core.close()
     steps += _time_conversations(config)
-    hardware = _fit_steps(steps, shape, name, _fit_link(copies, roomy.core.swapper.inline_bytes))
-    errors = [abs(StepCost(shape, hardware).seconds(b) / t - 1) for b, t in steps]
+    fitted = _fit_steps(steps, shape, name, _fit_link(copies, roomy.core.swapper.inline_bytes))
+    errors = [abs(StepCost(shape, fitted).seconds(b) / t - 1) for b, t in steps]
     log.info("step model: median error %.1f%%, 90th percentile %.1f%%", 100 * np.median(errors),
              100 * np.percentile(errors, 90))
-    return hardware.to_json() | {"measured": {"model": shape.name, "dtype": shape.dtype, "steps": steps,
-                                              "copies": copies, "step_error_median": float(np.median(errors)),
-                                              "step_error_p90": float(np.percentile(errors, 90))}}
+    log.info("calibrate: this machine's peaks")
+    peaks = measure_peaks(runner.dtype, **PEAKS)
+    hardware, against = _against_peaks(fitted, peaks)
+    for line in report(against):
+        log.info("calibrate: %s", line)
+    engine = {"model_path": str(Path(config.model).resolve()) if config.model else None, "device": str(runner.device),
+              "kv": {k: getattr(config, k) for k in ("num_kv_blocks", "kv_cache_memory_bytes", "block_size",
+                                                     "swap_space")}}
+    return hardware.to_json() | {"measured": {
+        "model": shape.name, "dtype": shape.dtype, **engine, "machine": machine.describe(), **against,
+        "steps": len(steps), "step_error_median": float(np.median(errors)),
+        "step_error_p90": float(np.percentile(errors, 90)), "copies": copies}}
+
+
+def measure_peaks(dtype: torch.dtype = torch.float32, read_bytes: int = 2**30, copy_bytes: int = 2**29,
+                  matmul_max: int = 4096, repeats: int = 5) -> dict:
+    """This machine's peaks, each the best of `repeats` runs after one warm-up: memory read bandwidth (summing a
+    float32 tensor of `read_bytes`), the matmul rate in `dtype` (square matmuls, doubled in size from 128 until
+    one takes `MATMUL_S` or the next would pass `matmul_max`) and host memcpy bandwidth (`copy_` of `copy_bytes`
+    between two tensors: bytes copied per second, each read once and written once)."""
+    read_s = _best(torch.ones(max(read_bytes // 4, 1)).sum, repeats)
+    copy_s = _best(_copy(copy_bytes), repeats)
+    n = min(128, matmul_max)
+    while True:
+        matmul_s = _best(_matmul(n, dtype), repeats)
+        if matmul_s >= MATMUL_S or 2 * n > matmul_max:
+            break
+        n *= 2
+    return {"read_bytes_per_s": read_bytes / read_s, "matmul_flops_per_s": 2 * n**3 / matmul_s,
+            "memcpy_bytes_per_s": copy_bytes / copy_s, "read_bytes": read_bytes, "copy_bytes": copy_bytes,
+            "matmul_n": n, "matmul_dtype": _dtype_name(dtype), "threads": torch.get_num_threads()}
+
+
+def _copy(nbytes: int):
+    source = torch.ones(max(nbytes // 4, 1))
+    target = torch.empty_like(source)
+    return lambda: target.copy_(source)
+
+
+def _matmul(n: int, dtype: torch.dtype):
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return lambda: torch.matmul(a, b)
+
+
+def _best(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls after a warm-up one."""
+    fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return max(min(times), 1e-9)
+
+
+def _against_peaks(fitted: Hardware, peaks: dict) -> tuple[Hardware, dict]:
+    """The fit (effective rates, efficiencies 1) restated as measured peak x efficiency, and what the "measured"
+    block records: the peaks, the fitted figures and the efficiencies they imply (fitted ÷ peak)."""
+    figures = {"flops_per_s": fitted.peak_flops, "memory_bytes_per_s": fitted.memory_bytes_per_s,
+               "h2d_bytes_per_s": fitted.link.h2d_bytes_per_s, "d2h_bytes_per_s": fitted.link.d2h_bytes_per_s,
+               "copy_latency_s": fitted.link.copy_latency_s, "step_overhead_s": fitted.step_overhead_s,
+               "sequence_overhead_s": fitted.sequence_overhead_s}
+    efficiency = {"flops": fitted.peak_flops / peaks["matmul_flops_per_s"],
+                  "memory": fitted.memory_bytes_per_s / peaks["read_bytes_per_s"],
+                  "h2d": fitted.link.h2d_bytes_per_s / peaks["memcpy_bytes_per_s"],
+                  "d2h": fitted.link.d2h_bytes_per_s / peaks["memcpy_bytes_per_s"]}
+    hardware = dataclasses.replace(fitted, peak_flops=peaks["matmul_flops_per_s"], flops_efficiency=efficiency["flops"],
+                                   memory_bytes_per_s=peaks["read_bytes_per_s"], memory_efficiency=efficiency["memory"])
+    return hardware, {"peaks": peaks, "fitted": figures, "efficiency": efficiency}
+
+
+def report(measured: dict) -> list[str]:
+    """The peaks, the fit and the efficiencies it implies, as lines to print."""
+    p, f, e = measured["peaks"], measured["fitted"], measured["efficiency"]
+    return [f"peaks here: memory read {p['read_bytes_per_s'] / 1e9:.3g} GB/s, {p['matmul_dtype']} matmul "
+            f"{p['matmul_flops_per_s'] / 1e9:.3g} GFLOP/s (n={p['matmul_n']}), memcpy "
+            f"{p['memcpy_bytes_per_s'] / 1e9:.3g} GB/s ({p['threads']} threads)",
+            f"fitted: {f['flops_per_s'] / 1e9:.3g} GFLOP/s = {e['flops']:.2f} x the matmul peak; "
+            f"{f['memory_bytes_per_s'] / 1e9:.3g} GB/s = {e['memory']:.2f} x the read bandwidth; copies in "
+            f"{f['h2d_bytes_per_s'] / 1e9:.3g} GB/s = {e['h2d']:.2f} x memcpy, out {f['d2h_bytes_per_s'] / 1e9:.3g} "
+            f"GB/s = {e['d2h']:.2f} x; {f['copy_latency_s'] * 1e6:.3g} µs per copy; "
+            f"{f['step_overhead_s'] * 1e3:.3g} ms per iteration + {f['sequence_overhead_s'] * 1e6:.3g} µs per request"]
 
 
 def _run_batches(engine: Engine, batches) -> None:
