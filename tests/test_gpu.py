@@ -1,8 +1,13 @@
 """CUDA only (marker `gpu`; benchmarks/gpu/check.sh runs them on a lent device): the compiled Triton kernel,
-CUDA-graph decodes and stream swaps, each against a reference on the same GPU."""
+CUDA-graph decodes and stream swaps, each against a reference on the same GPU.
+
+`gpu_smoke` marks the subset check.sh runs first, in about a minute (one architecture with each engine,
+pinned host tier, one host sync per step): a compile or capture error shows there, before the benchmarks.
+The rest run in file order: the cheap tests first, the parity matrix last."""
 
 import functools
 import gc
+import itertools
 import warnings
 
 import pytest
@@ -22,6 +27,7 @@ RUNS = {"roomy": POOLS, "tight-kv": dict(POOLS, num_kv_blocks=22), "chunked": di
 ENGINES = {"torch": dict(attention_backend="torch"),
            "triton-eager": dict(attention_backend="triton", enforce_eager=True),
            "triton-graphs": dict(attention_backend="triton")}
+SMOKE = pytest.mark.gpu_smoke
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,20 +44,6 @@ def _hf_greedy(path: str, prompt: tuple[int, ...]) -> list[int]:
     out = _hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
                                    min_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("run", RUNS)
-@pytest.mark.parametrize("model", MODELS)
-def test_greedy_fp32_on_cuda_matches_transformers_on_cuda(model, run, engine, model_dirs, prompts):
-    llm = LLM(model_dirs[model], dtype="float32", device="cuda", **ENGINES[engine], **RUNS[run])
-    assert (llm.engine.core.executor.graphs is not None) == (engine == "triton-graphs")
-    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        assert out.token_ids == _hf_greedy(model_dirs[model], tuple(prompt)), f"prompt of {len(prompt)} tokens diverged"
-    if run == "tight-kv":
-        assert llm.engine.stats.swap_out_blocks > 0 and llm.engine.stats.swap_in_blocks > 0
-    assert llm.engine.core.kv.device.num_available == llm.engine.core.kv.num_blocks
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,6 +64,7 @@ def test_compiled_triton_kernel_matches_the_reference(data, dtype):
     assert error <= (1e-5 if dtype == torch.float32 else 1e-2), error.item()
 
 
+@SMOKE
 def test_host_tier_is_pinned_and_swaps_run_off_the_compute_stream(llama_dir):
     llm = LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=22, swap_space=0.5)
     swapper = llm.engine.core.swapper
@@ -91,6 +84,7 @@ def test_the_kv_budget_is_what_gpu_memory_utilization_leaves(llama_dir):
         LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.001, swap_space=0.5)
 
 
+@SMOKE
 def test_sampling_a_mixed_batch_syncs_with_the_host_once():
     from fastswitch.model.sampler import SampleInput, Sampler
 
@@ -114,6 +108,7 @@ def test_sampling_a_mixed_batch_syncs_with_the_host_once():
     assert samples[0].token_id == logits[0].argmax().item() and len(samples[4].logprobs) >= 5
 
 
+@SMOKE
 @pytest.mark.parametrize("engine", ["triton-eager", "triton-graphs"])
 def test_a_decode_step_syncs_with_the_host_once(engine, llama_dir):
     llm = LLM(llama_dir, dtype="float32", device="cuda", **ENGINES[engine], **POOLS)
@@ -132,3 +127,17 @@ def test_a_decode_step_syncs_with_the_host_once(engine, llama_dir):
     assert all(len(o) == 4 for o in outputs)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 5, [f"{w.filename}:{w.lineno} {w.message}" for w in syncs]
+
+
+@pytest.mark.parametrize("model,run,engine", [
+    pytest.param(*case, id="-".join(case), marks=[SMOKE] if case[:2] == ("llama", "roomy") else [])
+    for case in itertools.product(MODELS, RUNS, ENGINES)])
+def test_greedy_fp32_on_cuda_matches_transformers_on_cuda(model, run, engine, model_dirs, prompts):
+    llm = LLM(model_dirs[model], dtype="float32", device="cuda", **ENGINES[engine], **RUNS[run])
+    assert (llm.engine.core.executor.graphs is not None) == (engine == "triton-graphs")
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == _hf_greedy(model_dirs[model], tuple(prompt)), f"prompt of {len(prompt)} tokens diverged"
+    if run == "tight-kv":
+        assert llm.engine.stats.swap_out_blocks > 0 and llm.engine.stats.swap_in_blocks > 0
+    assert llm.engine.core.kv.device.num_available == llm.engine.core.kv.num_blocks
