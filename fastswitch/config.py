@@ -73,6 +73,12 @@ class EngineConfig:
     vtc_input_weight: float = _opt(1.0, "vtc policy: service charged per prompt token")
     vtc_output_weight: float = _opt(2.0, "vtc policy: service charged per generated token")
     vtc_user_weights: str = _opt("", "vtc policy: per-user shares, e.g. 'alice=2,bob=1' (default 1 each)")
+    host_write_through: str = _opt("off", "copy full blocks to the host tier as they are computed, so a later pause "
+                                          "or eviction finds them there: 'off', 'prompt' (prompt blocks only, as "
+                                          "vLLM's CPU offloading and SGLang's HiCache do), 'all'",
+                                   choices=["off", "prompt", "all"])
+    host_write_back: bool = _opt(True, "when a request finishes or is preempted by recomputation, copy its full "
+                                       "blocks the host tier lacks there, for later turns and resumes")
     enable_prefix_caching: bool = _opt(True, "keep finished requests' KV (device, then host) and reuse it for "
                                               "prompts that start with the same tokens")
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
@@ -99,6 +105,8 @@ class EngineConfig:
             raise ValueError(f"invalid swap_space={self.swap_space!r}: must be >= 0 GiB")
         if not self.priority_aging >= 0:
             raise ValueError(f"invalid priority_aging={self.priority_aging!r}: seconds, >= 0 (0: strict priority)")
+        if self.host_write_through not in ("off", "prompt", "all"):
+            raise ValueError(f"invalid host_write_through={self.host_write_through!r}; choose from off, prompt, all")
         if not (isinstance(self.thrash_guard, int) and self.thrash_guard >= 0):
             raise ValueError(f"invalid thrash_guard={self.thrash_guard!r}: must be an integer >= 0")
         self.user_weights()  # validates

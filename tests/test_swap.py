@@ -106,8 +106,11 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
                 requests[i] = new_life(r.request_id, n % 3)
         elif op == "in" and r.status == Status.SWAPPED:
             settle(kv, r)
+            copied, taken = kv.stats.swap_in_blocks, kv.stats.resume_device_blocks
             if kv.swap_in(r):
                 r.status = Status.RUNNING
+                flush(kv)  # a resume copies exactly the blocks the device no longer caches
+                assert kv.stats.swap_in_blocks - copied == len(r.block_ids) - (kv.stats.resume_device_blocks - taken)
         elif op == "free":
             kv.release(r)
             requests[i] = new_life(r.request_id, n % 3)
@@ -193,6 +196,44 @@ def test_freed_device_blocks_wait_for_their_copy():
     assert kv.can_grow(other, 8)  # waits for the copy rather than refusing ...
     assert kv.ready(r) and kv.stats.stall_s > 0  # ... and counts the wait as stall
     gate.result()
+
+
+def test_pausing_frees_named_blocks_at_once_and_evicting_one_waits_for_its_copy():
+    kv = make_kv("fastswitch", 8, 8, prefix_caching=True)
+    r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)
+    kv.grow(r, 30)
+    compute(kv, r, 30)  # 7 full, named blocks and a partial one
+    gate = kv.swapper._worker.submit(lambda: __import__("time").sleep(0.2))  # keep the copy queued
+    assert kv.swap_out(r)
+    flush(kv)
+    assert not kv.ready(r) and kv.device.num_available == 7  # the named blocks are in the cache already
+    assert kv.device.allocator.num_free == 0  # but not free: a copy still reads them
+    other = Request("o", [7] * 40, SamplingParams(max_tokens=8), 0.0)
+    assert kv.can_grow(other, 4 * BLOCK)
+    kv.grow(other, 4 * BLOCK)  # evicts 4 of them: the copy must land first
+    assert kv.ready(r) and kv.stats.stall_s > 0
+    gate.result()
+    host = kv.swapper.host_pool
+    assert all(torch.equal(host[r.host_block_ids[p // BLOCK], :, :, p % BLOCK], kv_of(p)) for p in range(30))
+
+
+def test_resuming_takes_back_what_the_device_still_caches_and_copies_only_the_rest():
+    kv = make_kv("fastswitch", 16, 16, prefix_caching=True)
+    r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)
+    kv.grow(r, 30)
+    compute(kv, r, 30)
+    before = list(r.block_ids)
+    assert kv.swap_out(r)
+    settle(kv, r)
+    for block in before[5:7]:  # two named blocks lost from the device
+        kv.device.lru.move_to_end(block, last=False)
+    kv.device.evict(2)
+    copied = kv.stats.swap_in_blocks
+    assert kv.swap_in(r)
+    settle(kv, r)
+    assert kv.stats.resume_device_blocks == 5 and kv.stats.swap_in_blocks - copied == 3  # 2 lost + the partial one
+    assert r.block_ids[:5] == before[:5]
+    assert torch.equal(read(kv, r), torch.stack([kv_of(t) for t in range(30)]))
 
 
 def kv_ready_at_once(kv: KVManager, request: Request) -> bool:

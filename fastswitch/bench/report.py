@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastswitch.bench.runner import COUNTERS, RequestRecord
+from fastswitch.bench.runner import COUNTERS, STRONGEST, RequestRecord
 from fastswitch.slo import SLO
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ def load_requests(run_dir: str | Path) -> list[dict]:
 
 
 def table(runs: list[dict]) -> str:
-    """A markdown table, one row per run, and how each compares with the first."""
+    """A markdown table, one row per run, how each compares with the first, and, when the runs include presets
+    of what users run today (`STRONGEST`), with the best of those on each figure."""
     header = ["run", *(c for c, _, _ in TABLE), "first's P99 TTFT ÷ this", "tok/s ÷ first's"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = runs[0]["summary"]
@@ -149,7 +150,29 @@ def table(runs: list[dict]) -> str:
         cells.append(_ratio(first.get("ttft_p99"), s.get("ttft_p99"), "{:.2f}×"))
         cells.append(_ratio(s.get("throughput_tok_s"), first.get("throughput_tok_s"), "{:.2f}×"))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + _against_strongest(runs)
+
+
+def _against_strongest(runs: list[dict]) -> str:
+    """Each run's figures as ratios to the best of the strongest baselines in the comparison."""
+    strong = [r["summary"] for r in runs if r.get("preset") in STRONGEST]
+    if not strong:
+        return ""
+    best = {key: (max if higher else min)(v for s in strong if (v := s.get(key)) is not None)
+            for key, _, higher in STRONGEST_FIGURES}
+    header = ["run", *(f"{column} ÷ best baseline's" for _, column, _ in STRONGEST_FIGURES)]
+    lines = ["", "", f"Against the best of {', '.join(sorted({r['preset'] for r in runs if r.get('preset') in STRONGEST}))}"
+             " on each figure (below 1 is better for latencies and preemptions, above 1 for tok/s):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        s = run["summary"]
+        lines.append("| " + " | ".join([run["label"], *(_ratio(s.get(key), best[key], "{:.2f}")
+                                                          for key, _, _ in STRONGEST_FIGURES)]) + " |")
     return "\n".join(lines)
+
+
+STRONGEST_FIGURES = [("ttft_p99", "P99 TTFT", False), ("tbt_p999", "P99.9 TBT", False),
+                     ("throughput_tok_s", "tok/s", True), ("preemptions", "preemptions", False)]
 
 
 def _ratio(a: float | None, b: float | None, fmt: str) -> str:

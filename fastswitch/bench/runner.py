@@ -45,8 +45,12 @@ PRESETS = {  # engine options each preset sets; every other option is the user's
     "fastswitch-async": dict(swap_mode="fastswitch", block_groups=True, async_swap=False, kv_reuse=True),
     "fastswitch-reuse": dict(swap_mode="fastswitch", block_groups=True, async_swap=True, kv_reuse=False,
                              enable_prefix_caching=False),
-    "recompute": dict(preemption_mode="recompute"),  # as vLLM V1 and SGLang preempt
+    "recompute": dict(preemption_mode="recompute"),  # preempt by recomputation, FastSwitch's host tier otherwise
+    # What users run today (docs/baselines.md): recompute, prefix caching, a host tier written through with prompts
+    "vllm-v1": dict(preemption_mode="recompute", host_write_through="prompt", host_write_back=False),
+    "sglang": dict(preemption_mode="recompute", host_write_through="prompt", host_write_back=True),
 }
+STRONGEST = ("recompute", "vllm-v1", "sglang")  # the presets a headline figure is compared against
 PRIORITY_PATTERNS = ("none", "random", "markov")
 COUNTERS = {  # summary key -> EngineStats field, and the Prometheus samples FastSwitch and vLLM expose it as
     "preemptions": ("preemptions", ("fastswitch:preemptions_total", "vllm:num_preemptions_total")),

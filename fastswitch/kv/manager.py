@@ -12,10 +12,15 @@ Both tiers are BlockCaches: blocks are refcounted, and full blocks are named by 
   whose name is already on the host is referenced instead of copied. (`baseline` mode, and
   `reuse=False`, drop the host copy after each swap-in: every block is copied every time.)
 - With prefix caching, a finished request's named blocks stay cached on the device (LRU) and are
-  written back to the host; a new request reuses its longest cached prefix: device blocks directly,
-  host blocks by swap-in, so only the rest of its prompt is prefilled.
-Blocks a copy is still reading or writing are released only once that copy is done, and a name is
-published only once the KV behind it is complete.
+  written back to the host (`write_back`); a new request reuses its longest cached prefix: device
+  blocks directly, host blocks by swap-in, so only the rest of its prompt is prefilled.
+- `write_through` copies full blocks to the host as they are computed (`prompt`: the prompt's only),
+  as host-cached named blocks: a later swap-out references them instead of copying, and a request
+  recomputed after its device blocks were evicted finds them on the host.
+A named device block is immutable, so pausing or finishing a request releases its named blocks
+into the device cache at once, even while a copy to the host is still reading them: evicting such
+a block first settles that copy. Blocks a copy writes, and unnamed blocks a copy reads, are
+released only once that copy is done; a name is published only once the KV behind it is complete.
 """
 
 import itertools
@@ -54,14 +59,17 @@ def plan_copies(src_blocks: list[int], dst_blocks: list[int]) -> list[Run]:
 class KVManager:
     def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int, stats: EngineStats,
                  swapper: CopyEngine | None = None, prefix_caching: bool = False, block_groups: bool = True,
-                 reuse: bool = True, clock: Clock | None = None):
+                 reuse: bool = True, clock: Clock | None = None, write_through: str = "off", write_back: bool = True):
         allocator = BlockAllocator if block_groups else FreeListAllocator
-        self.device = BlockCache(allocator(num_blocks))
+        self.device = BlockCache(allocator(num_blocks), before_evict=self._before_evict)
         self.host = BlockCache(allocator(num_host_blocks))
         self.block_size, self.stats, self.swapper = block_size, stats, swapper
         self.reuse = reuse and swapper is not None and swapper.mode == "fastswitch"
         self.prefix_caching, self.clock = prefix_caching, clock or MonotonicClock()
+        self.write_through = write_through if self.reuse and prefix_caching else "off"
+        self.write_back = write_back
         self._pending: dict[int, list[Callable[[], None]]] = {}  # copies not known done -> work to do then
+        self._reading: dict[int, int] = {}  # device block -> the copy to the host still reading it
         self._planned: list[Copy] = []  # not yet handed to the copy engine
         self._copy_ids = itertools.count()
 
@@ -151,6 +159,11 @@ class KVManager:
         for i in range(request.num_named_blocks, full):
             self.device.name(request.block_ids[i], names[i])
         request.num_named_blocks = max(request.num_named_blocks, full)
+        if self.write_through != "off":
+            limit = full if self.write_through == "all" else min(full, request.num_prompt_tokens // self.block_size)
+            if limit > request.num_written_through:
+                self._copy_to_host(request, range(request.num_written_through, limit))
+                request.num_written_through = limit
 
     # -- pausing and resuming ------------------------------------------------------------------
 
@@ -184,7 +197,9 @@ class KVManager:
                 copy.append((j, block))
                 request.host_block_ids.append(block)
         self.stats.reuse_saved_blocks += n_blocks - len(copy)
-        handle = self._plan("out", plan_copies([request.block_ids[j] for j, _ in copy], [b for _, b in copy]))
+        sources = [request.block_ids[j] for j, _ in copy]
+        handle = self._plan("out", plan_copies(sources, [b for _, b in copy]))
+        self._read_by(handle, sources)
         self._time_swap(request, handle)
         self._after(handle, lambda: [self.host.name(b, names[j]) for j, b in copy if j < len(names)])
         self._release_device(request, handle)
@@ -192,18 +207,30 @@ class KVManager:
         return True
 
     def swap_in(self, request: Request) -> bool:
-        """Start copying a paused request's KV back; False if its swap-out is in flight or blocks are short."""
+        """Resume a paused request: take back its blocks the device still caches, and start copying the rest
+        from the host; False if its swap-out is in flight or blocks are short."""
         if not self.ready(request):
             return False
         n_blocks = -(-request.num_computed_tokens // self.block_size)
-        if n_blocks > self.device.num_available:
+        names = self._names(request)[: request.num_named_blocks] if self.prefix_caching and self.reuse else []
+        cached = {j: b for j, name in enumerate(names) if (b := self.device.find(name)) is not None}
+        missing = [j for j in range(n_blocks) if j not in cached]
+        need = len(missing) + sum(b in self.device.lru for b in cached.values())
+        if need > self.device.num_available:
             self.poll()
-            if n_blocks > self.device.num_available:
+            if need > self.device.num_available:
                 return False
-        request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
-                                                 expected=self._expected_blocks(request, request.num_computed_tokens))
-        request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
+        self.device.take(list(cached.values()))  # before allocating, which could evict them
+        after = cached.get(missing[0] - 1) if missing else None
+        fresh = self.device.allocate(len(missing), owner=request.request_id, after=after,
+                                     expected=self._expected_blocks(request, request.num_computed_tokens))
+        blocks = cached | dict(zip(missing, fresh))
+        request.block_ids = [blocks[j] for j in range(n_blocks)]
+        request.swap = self._plan("in", plan_copies([request.host_block_ids[j] for j in missing], fresh))
         self._time_swap(request, request.swap)
+        renamed = [(b, names[j]) for j, b in zip(missing, fresh) if j < len(names)]
+        self._after(request.swap, lambda: [self.device.name(b, name) for b, name in renamed])
+        self.stats.resume_device_blocks += len(cached)
         if not self.reuse:
             self._release_host(request, request.swap)
         return True
@@ -213,21 +240,23 @@ class KVManager:
     def release(self, request: Request) -> None:
         """Give back every block of a finished, aborted or recomputed request; keep what is worth caching."""
         handle = request.swap
-        if self.prefix_caching and self.reuse and self.ready(request):
-            handle = self._write_back(request) or handle
+        if self.prefix_caching and self.reuse and self.write_back and self.ready(request):
+            handle = self._copy_to_host(request, range(min(request.num_named_blocks, len(request.block_ids)))) or handle
         self._release_device(request, handle)
         self._release_host(request, handle)
-        request.swap, request.num_named_blocks = None, 0
+        request.swap, request.num_named_blocks, request.num_written_through = None, 0, 0
 
-    def _write_back(self, request: Request) -> int | None:
-        """Copy the request's named device blocks that the host lacks to the host, as far as room allows."""
-        names = self._names(request)[: min(request.num_named_blocks, len(request.block_ids))]
-        wanted = [j for j, name in enumerate(names) if self.host.find(name) is None]
-        wanted = wanted[: self.host.num_available]
+    def _copy_to_host(self, request: Request, indices: range) -> int | None:
+        """Copy these named device blocks of the request that the host lacks to the host tier, as cached
+        blocks, as far as room allows; the copy's id."""
+        names = self._names(request)
+        wanted = [j for j in indices if self.host.find(names[j]) is None][: self.host.num_available]
         if not wanted:
             return None
         host_blocks = self.host.allocate(len(wanted))
-        handle = self._plan("writeback", plan_copies([request.block_ids[j] for j in wanted], host_blocks))
+        sources = [request.block_ids[j] for j in wanted]
+        handle = self._plan("writeback", plan_copies(sources, host_blocks))
+        self._read_by(handle, sources)
 
         def landed():
             for j, block in zip(wanted, host_blocks):
@@ -238,9 +267,33 @@ class KVManager:
         return handle
 
     def _release_device(self, request: Request, handle: int | None) -> None:
+        """Named blocks go to the device cache now (only copies out can be reading them); the rest once
+        `handle`, a copy that may be writing them, is done."""
         self.device.allocator.drop_reserve(request.request_id)
         blocks, request.block_ids = request.block_ids, []
-        self._after(handle, lambda: self.device.drop(blocks))
+        named = [b for b in blocks if b in self.device.name_of]
+        self.device.drop(named)
+        unnamed = [b for b in blocks if b not in self.device.name_of]
+        self._after(handle, lambda: self.device.drop(unnamed))
+
+    def _read_by(self, handle: int | None, device_blocks: list[int]) -> None:
+        """Until the copy `handle` is done, evicting these blocks must wait for it."""
+        if handle is None:
+            return
+        for block in device_blocks:
+            self._reading[block] = handle
+
+        def done():
+            for block in device_blocks:
+                if self._reading.get(block) == handle:
+                    del self._reading[block]
+
+        self._after(handle, done)
+
+    def _before_evict(self, block: int) -> None:
+        copy_id = self._reading.get(block)
+        if copy_id is not None and copy_id in self._pending:
+            self._settle(copy_id)
 
     def _release_host(self, request: Request, handle: int | None) -> None:
         self.host.allocator.drop_reserve(request.request_id)

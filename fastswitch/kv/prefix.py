@@ -11,7 +11,7 @@ and named: then it stays, findable by name, in an LRU list, until the pool needs
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
 
@@ -27,8 +27,9 @@ def block_hashes(token_ids: list[int], block_size: int, known: list[bytes]) -> l
 
 
 class BlockCache:
-    def __init__(self, allocator: BlockAllocator | FreeListAllocator):
-        self.allocator = allocator
+    def __init__(self, allocator: BlockAllocator | FreeListAllocator,
+                 before_evict: Callable[[int], None] = lambda block: None):
+        self.allocator, self.before_evict = allocator, before_evict  # before_evict: settle a copy still reading it
         self.refs: dict[int, int] = {}
         self.name_of: dict[int, bytes] = {}
         self.by_name: dict[bytes, int] = {}
@@ -75,5 +76,6 @@ class BlockCache:
     def evict(self, n: int) -> None:
         for _ in range(min(n, len(self.lru))):
             block, _ = self.lru.popitem(last=False)
+            self.before_evict(block)
             del self.by_name[self.name_of.pop(block)]
             self.allocator.free([block])
