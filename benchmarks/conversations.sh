@@ -5,14 +5,28 @@
 #   benchmarks/conversations.sh OUT_DIR [bench run options...]
 #   e.g. benchmarks/conversations.sh benchmarks/results/conversations_tiny --num-kv-blocks 128 --rate 2
 #
-# PRESETS (default: all six) picks a subset, e.g. PRESETS="baseline fastswitch".
+# PRESETS (default: all nine) picks a subset, e.g. PRESETS="baseline fastswitch".
+# REPEATS=N (default 1) runs every preset N times, alternating presets within each round (so drift on a
+# shared machine hits all alike), into OUT_DIR/PRESET/run-K; each round gets its own comparison
+# (OUT_DIR/round-K), and benchmarks/repeats.py writes OUT_DIR/repeats.md: median and spread per preset.
 set -euo pipefail
 out=$1
 shift
-presets=${PRESETS:-baseline fastswitch fastswitch-groups fastswitch-async fastswitch-reuse recompute}
-for preset in $presets; do
-    python -m fastswitch bench run --preset "$preset" --out "$out/$preset" "$@"
+presets=${PRESETS:-baseline fastswitch fastswitch-groups fastswitch-async fastswitch-reuse recompute vllm-v1 sglang}
+repeats=${REPEATS:-1}
+here="$(cd "$(dirname "$0")" && pwd)"
+for round in $(seq 1 "$repeats"); do
+    dirs=()
+    for preset in $presets; do
+        dir="$out/$preset"
+        [ "$repeats" = 1 ] || dir="$dir/run-$round"
+        python -m fastswitch bench run --preset "$preset" --label "$preset" --out "$dir" --no-progress "$@"
+        dirs+=("$dir")
+    done
+    if [ "$repeats" = 1 ]; then
+        python -m fastswitch bench compare "${dirs[@]}" --out "$out"
+    else
+        python -m fastswitch bench compare "${dirs[@]}" --out "$out/round-$round" > /dev/null
+    fi
 done
-dirs=()
-for preset in $presets; do dirs+=("$out/$preset"); done
-python -m fastswitch bench compare "${dirs[@]}" --out "$out"
+[ "$repeats" = 1 ] || python "$here/repeats.py" "$out"

@@ -153,7 +153,6 @@ def _sim_parser(commands) -> None:
                                                       "'sim calibrate' wrote (default: a10)")
     sim.add_argument("--link", choices=list(LINKS), help="the host link instead of the profile's: pcie4 (25 GB/s each "
                                                          "way) or pcie5 (50 GB/s)")
-    sim.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sim.set_defaults(func=_sim)
     tools = sim.add_subparsers(metavar="calibrate")
     calibrate = tools.add_parser(
@@ -177,8 +176,10 @@ def _run_args(parser, priorities_help: str, out_required: bool = True) -> None:
 
     parser.add_argument("--preset", default="fastswitch", choices=list(PRESETS),
                         help="baseline: vLLM V0-style swaps; fastswitch: everything on; fastswitch-groups/-async/"
-                             "-reuse: that mechanism off; recompute: preempt by recomputation (default: fastswitch)")
+                             "-reuse: that mechanism off; recompute: preempt by recomputation; vllm-v1, sglang: as "
+                             "those engines preempt and offload (docs/baselines.md) (default: fastswitch)")
     parser.add_argument("--out", required=out_required, help="folder to write results.json to")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--label", help="the run's name in comparisons (default: the preset; 'server' with --url)")
     parser.add_argument("--priorities", default="markov", choices=PRIORITY_PATTERNS, help=priorities_help)
     work = parser.add_argument_group("workload")
@@ -266,12 +267,12 @@ def _bench_run(args) -> int:
     _announce(label, conversations, args.mode)
     if args.mode == "offline":
         engine = Engine(config)
-        records, duration, counters = _offline(engine, conversations)
+        records, duration, counters = _offline(engine, conversations, args.progress)
     else:
         with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
             before = runner.server_counters(url)
             records, duration = asyncio.run(runner.run_http(url, conversations, args.priorities, config.trace_levels,
-                                                            args.workload_seed))
+                                                            args.workload_seed, args.progress))
             after = runner.server_counters(url)
         counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
     _write_results(args, label, config, records, duration, counters,

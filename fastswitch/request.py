@@ -62,6 +62,7 @@ class Request:
         self.swap: int | None = None  # id of the copy in flight for this request's KV, if any
         self.block_names: list[bytes] = []  # prefix hashes of its full blocks, computed as needed
         self.num_named_blocks = 0  # device blocks published in the prefix cache
+        self.computed_at_pause = 0  # tokens it had KV for when last preempted by recomputation, until resumed
         self.num_written_through = 0  # blocks write-through has copied (or found) on the host
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.status = Status.WAITING

@@ -132,7 +132,8 @@ def test_auto_preemption_picks_the_cheaper_way():
     costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e6, prefill_tokens_per_s=1000)
     r = request("r", prompt_len=64)
     r.num_computed_tokens, r.block_ids = 64, list(range(16))
-    assert costs.swap_s(r, BLOCK) == pytest.approx(0.032) and costs.recompute_s(r) == pytest.approx(0.064)
+    blocks, tokens = make_scheduler(mode="auto").kv.pause_trade(r)
+    assert costs.copy_s(blocks) == pytest.approx(0.032) and costs.recompute_s(tokens) == pytest.approx(0.064)
     for prefill, expected in ((1000, Status.SWAPPED), (100000, Status.WAITING)):
         s = make_scheduler(mode="auto")
         s.costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e6, prefill_tokens_per_s=prefill)

@@ -107,8 +107,9 @@ def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_
         elif op == "in" and r.status == Status.SWAPPED:
             settle(kv, r)
             copied, taken = kv.stats.swap_in_blocks, kv.stats.resume_device_blocks
-            if kv.swap_in(r):
-                r.status = Status.RUNNING
+            resumed = kv.swap_in(r)
+            if resumed is not None:
+                r.status, r.num_computed_tokens = Status.RUNNING, resumed
                 flush(kv)  # a resume copies exactly the blocks the device no longer caches
                 assert kv.stats.swap_in_blocks - copied == len(r.block_ids) - (kv.stats.resume_device_blocks - taken)
         elif op == "free":
@@ -149,7 +150,7 @@ def test_second_swap_out_copies_only_the_blocks_written_since():
     flush(kv)
     assert kv.stats.swap_out_blocks == 6 and kv.stats.reuse_saved_blocks == 0
     settle(kv, r)
-    assert kv.swap_in(r)
+    assert kv.swap_in(r) is not None
     settle(kv, r)
     assert kv.swap_out(r)  # nothing written since: nothing to copy
     assert kv.stats.swap_out_blocks == 6 and kv.stats.reuse_saved_blocks == 6
@@ -169,7 +170,7 @@ def test_baseline_copies_every_block_every_time_one_block_and_layer_at_a_time():
     kv.grow(r, 16)
     compute(kv, r, 16)
     for _ in range(2):
-        assert kv.swap_out(r) and kv.swap_in(r)
+        assert kv.swap_out(r) and kv.swap_in(r) is not None
     flush(kv)
     assert kv.stats.swap_out_blocks == 8 and kv.stats.reuse_saved_blocks == 0
     assert kv.stats.copies == 4 * 4 * LAYERS * 2  # 4 swaps of 4 blocks, per layer, K and V
@@ -213,8 +214,9 @@ def test_pausing_frees_named_blocks_at_once_and_evicting_one_waits_for_its_copy(
     kv.grow(other, 4 * BLOCK)  # evicts 4 of them: the copy must land first
     assert kv.ready(r) and kv.stats.stall_s > 0
     gate.result()
-    host = kv.swapper.host_pool
-    assert all(torch.equal(host[r.host_block_ids[p // BLOCK], :, :, p % BLOCK], kv_of(p)) for p in range(30))
+    host = kv.swapper.host_pool  # full blocks cached there by name, the partial one the request's own
+    blocks = [kv.host.find(name) for name in r.block_names[:7]] + r.host_block_ids
+    assert all(torch.equal(host[blocks[p // BLOCK], :, :, p % BLOCK], kv_of(p)) for p in range(30))
 
 
 def test_resuming_takes_back_what_the_device_still_caches_and_copies_only_the_rest():
@@ -229,7 +231,7 @@ def test_resuming_takes_back_what_the_device_still_caches_and_copies_only_the_re
         kv.device.lru.move_to_end(block, last=False)
     kv.device.evict(2)
     copied = kv.stats.swap_in_blocks
-    assert kv.swap_in(r)
+    assert kv.swap_in(r) is not None
     settle(kv, r)
     assert kv.stats.resume_device_blocks == 5 and kv.stats.swap_in_blocks - copied == 3  # 2 lost + the partial one
     assert r.block_ids[:5] == before[:5]
@@ -247,7 +249,7 @@ def round_trip_twice(kv: KVManager) -> Request:
     compute(kv, r, 22)
     assert kv.swap_out(r)
     settle(kv, r)
-    assert kv.swap_in(r)
+    assert kv.swap_in(r) is not None
     settle(kv, r)
     kv.grow(r, 1)
     compute(kv, r, 1)

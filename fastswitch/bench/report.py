@@ -38,7 +38,8 @@ TABLE = [  # (column, summary key, format)
     ("TBT P99 s", "tbt_p99", "{:.3f}"), ("TBT P99.9 s", "tbt_p999", "{:.3f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"), ("goodput req/s", "goodput_req_s", "{:.2f}"),
     ("SLO met", "slo_attainment", "{:.1%}"),
-    ("preemptions", "preemptions", "{:.0f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
+    ("preemptions", "preemptions", "{:.0f}"), ("preemptions / request", "preemptions_per_request", "{:.2f}"),
+    ("paused s / preemption", "paused_s_per_preemption", "{:.2f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
     ("swap-out MB", "swap_out_bytes", "{:.1f}"), ("reuse-saved blocks", "reuse_saved_blocks", "{:.0f}"),
     ("stall s", "stall_s", "{:.2f}"),
 ]
@@ -70,7 +71,12 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
     summary["slo_attainment_by_priority"] = {str(p): sum(_meets(r, slo) for r in v) / len(v) for p, v in levels}
     summary["lowest_level_ttft_p99"] = percentile([r.ttft_s for r in levels[-1][1]], 99) if levels else None
     summary["jain_index"] = jain_index(records)
-    return summary | {key: counters.get(key) for key in COUNTERS}
+    summary |= {key: counters.get(key) for key in COUNTERS}
+    preemptions = counters.get("preemptions")
+    summary["preemptions_per_request"] = preemptions / len(records) if preemptions is not None and records else None
+    paused = [r.paused_s for r in records if r.paused_s is not None]
+    summary["paused_s_per_preemption"] = sum(paused) / preemptions if paused and preemptions else None
+    return summary
 
 
 def _meets(r: RequestRecord, slo: SLO) -> bool:

@@ -60,6 +60,11 @@ COUNTERS = {  # summary key -> EngineStats field, and the Prometheus samples Fas
     "swap_in_bytes": ("swap_in_bytes", ("fastswitch:swap_in_bytes_total",)),
     "swap_copies": ("copies", ("fastswitch:swap_copies_total",)),
     "reuse_saved_blocks": ("reuse_saved_blocks", ("fastswitch:reuse_saved_blocks_total",)),
+    "resume_device_blocks": ("resume_device_blocks", ("fastswitch:resume_device_blocks_total",)),
+    "resume_recomputed_tokens": ("resume_recomputed_tokens", ("fastswitch:resume_recomputed_tokens_total",)),
+    "prefix_host_hit_blocks": ("prefix_host_hit_blocks", ("fastswitch:prefix_host_hit_blocks_total",)),
+    "writeback_blocks": ("writeback_blocks", ("fastswitch:writeback_blocks_total",)),
+    "computed_tokens": ("computed_tokens", ("fastswitch:tokens_computed_total",)),
     "recompute_fallbacks": ("recompute_fallbacks", ("fastswitch:recompute_fallbacks_total",)),
     "stall_s": ("stall_s", ("fastswitch:stall_seconds_total",)),
     "iterations": ("iterations", ()),  # offline and simulated runs only
@@ -80,6 +85,7 @@ class RequestRecord:
     ttft_s: float
     tbt_s: list[float]  # gaps between consecutive tokens
     preemptions: int | None = None
+    paused_s: float | None = None  # time preempted (offline and simulated runs)
 
 
 def run_offline(engine: Engine, conversations: list[Conversation], progress: bool = True) -> tuple[list[RequestRecord], float]:
@@ -129,7 +135,7 @@ def _offline_record(out: RequestOutput, c: Conversation, turn: int, priority: in
     m = out.metrics
     return RequestRecord(out.request_id, c.id, turn, c.user, priority, len(out.prompt_token_ids), len(out.token_ids),
                          out.num_cached_tokens, m.arrival_time - start, m.first_token_time - m.arrival_time,
-                         [b - a for a, b in zip(m.token_times, m.token_times[1:])], m.num_preemptions)
+                         [b - a for a, b in zip(m.token_times, m.token_times[1:])], m.num_preemptions, m.paused_s)
 
 
 # -- over HTTP ------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class EngineCore:
         self.kv = KVManager(limits.num_kv_blocks, num_host_blocks, config.block_size, stats, swapper,
                             config.enable_prefix_caching, config.block_groups, config.kv_reuse, self.clock,
                             config.host_write_through, config.host_write_back)
-        costs = CostModel(block_bytes=swapper.block_bytes)
+        costs = CostModel(block_bytes=swapper.block_bytes, block_size=config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode,
                                    make_policy(config, self.clock, costs), config.thrash_guard, eos_token_ids,
                                    limits.max_model_len, self.clock, costs)

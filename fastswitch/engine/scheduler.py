@@ -15,7 +15,8 @@ iteration), except those resumed within the last `thrash_guard` iterations and t
 guards (`slo`: resumed too few seconds ago). A paused or waiting request that still does not fit
 blocks everyone ranked below it from starting, so a large high-ranked request is not starved by
 small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
-whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`). A request
+whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`), for what
+the two would do differently (`KVManager.pause_trade`). A request
 whose KV is still being copied in is not preempted.
 
 `schedule()` returns the step as plain data (`SchedulerOutput`: who computes how many tokens, with
@@ -123,10 +124,7 @@ class Scheduler:
             elif request.preempted_iteration == self.iteration:  # not to be brought back in the same iteration
                 continue
             elif status == Status.SWAPPED and not blocked and self.kv.ready(request):
-                if self._make_room(request, lambda: self._has_seat() and self.kv.swap_in(request), rank, taken, out):
-                    self._start_running(request)
-                else:
-                    blocked = True
+                blocked = not self._resume(request, rank, taken, out)
             elif status == Status.WAITING and not blocked:
                 admitted = self._admit(request, rank, taken, out)
                 if admitted is None:
@@ -207,29 +205,46 @@ class Scheduler:
         request.num_computed_tokens = reused
         return chunk
 
+    def _resume(self, request: Request, rank, taken, out) -> bool:
+        """Bring a paused request back, making room if it outranks running ones; False if it does not fit."""
+        resumed: list[int | None] = [None]
+
+        def fits() -> bool:
+            if self._has_seat():
+                resumed[0] = self.kv.swap_in(request)
+            return resumed[0] is not None
+
+        if not self._make_room(request, fits, rank, taken, out):
+            return False
+        request.num_computed_tokens = resumed[0]  # less than before if part of its KV was lost: recomputed
+        self._start_running(request)
+        return True
+
     def preempt(self, request: Request, mode: str | None = None) -> None:
         """Pause a running request: by swap (recompute if the host is full), recompute, or the cheaper."""
         mode = mode or self.preemption_mode
         if mode == "auto":
-            swap_s, recompute_s = self.costs.swap_s(request, self.kv.block_size), self.costs.recompute_s(request)
-            mode = "swap" if swap_s <= recompute_s else "recompute"
+            blocks, tokens = self.kv.pause_trade(request)
+            mode = "swap" if self.costs.copy_s(blocks) <= self.costs.recompute_s(tokens) else "recompute"
         self.running.remove(request)
         request.metrics.num_preemptions += 1
         request.paused_at, request.preempted_iteration = self.clock.now(), self.iteration
         if mode == "swap":
-            if self.kv.swap_out(request):
+            stats, fallbacks = self.kv.stats, self.kv.stats.recompute_fallbacks
+            paused = self.kv.swap_out(request)  # the tiered path always pauses, keeping on the host what fits
+            stats.recompute_fallbacks += not paused
+            if stats.recompute_fallbacks > fallbacks == 0:  # once: a run short of host memory has thousands
+                log.warning("host KV tier full: %s's KV does not all fit on the host; what does not is recomputed "
+                            "(the next ones are counted, not logged: fastswitch:recompute_fallbacks_total; a larger "
+                            "swap_space avoids them)", request.request_id)
+            if paused:
                 request.status = Status.SWAPPED
                 self.swapped.append(request)
-                self.kv.stats.swap_preemptions += 1
+                stats.swap_preemptions += 1
                 return
-            self.kv.stats.recompute_fallbacks += 1
-            if self.kv.stats.recompute_fallbacks == 1:  # once: a run short of host memory has thousands
-                log.warning("host KV tier full: %s preempted by recomputation instead of swap (the next ones are "
-                            "counted, not logged: fastswitch:recompute_fallbacks_total; a larger swap_space "
-                            "avoids them)", request.request_id)
         self.kv.stats.recompute_preemptions += 1
         self.kv.release(request)
-        request.num_computed_tokens = 0
+        request.computed_at_pause, request.num_computed_tokens = request.num_computed_tokens, 0
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 

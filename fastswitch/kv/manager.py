@@ -121,6 +121,10 @@ class KVManager:
             request.num_cached_tokens = min(reused, request.num_prompt_tokens)
         self.stats.prefix_device_hit_blocks += len(on_device)
         self.stats.prefix_host_hit_blocks += len(on_host)
+        if request.computed_at_pause:  # resuming after a preemption by recomputation
+            self.stats.resume_device_blocks += len(on_device)
+            self.stats.resume_recomputed_tokens += max(request.computed_at_pause - reused, 0)
+            request.computed_at_pause = 0
         if not self.ready(request):
             return reused, 0
         self._grow_to(request, reused + n)
@@ -167,12 +171,16 @@ class KVManager:
 
     # -- pausing and resuming ------------------------------------------------------------------
 
+    @property
+    def tiered(self) -> bool:
+        """Whether pausing and resuming take the tiered path (full blocks named, in both tiers' caches)."""
+        return self.prefix_caching and self.reuse
+
     def swap_out(self, request: Request) -> bool:
         """Start copying a request's KV to the host; False (and nothing done) if the host has no room."""
-        n_blocks = -(-request.num_computed_tokens // self.block_size)
-        if len(request.block_ids) > n_blocks:  # grown for a chunk it will not compute now
-            extra, request.block_ids = request.block_ids[n_blocks:], request.block_ids[:n_blocks]
-            self._after(request.swap, lambda: self.device.drop(extra))
+        if self.tiered:
+            return self._pause(request)
+        n_blocks = self._trim(request)
         names = self._names(request)[: request.num_named_blocks] if self.reuse else []
         valid = n_blocks if request.host_tokens == request.num_computed_tokens else request.host_tokens // self.block_size
         known = {j: self.host.find(names[j]) for j in range(max(valid, len(request.host_block_ids)), len(names))}
@@ -206,34 +214,130 @@ class KVManager:
         request.host_tokens, request.swap = request.num_computed_tokens, handle
         return True
 
-    def swap_in(self, request: Request) -> bool:
-        """Resume a paused request: take back its blocks the device still caches, and start copying the rest
-        from the host; False if its swap-out is in flight or blocks are short."""
+    def swap_in(self, request: Request) -> int | None:
+        """Resume a paused request: start bringing its KV back. Returns the tokens whose KV it gets back (the
+        scheduler's new `num_computed_tokens`; the tiered path may recompute a lost tail), or None, changing
+        nothing, if its swap-out is in flight or device blocks are short."""
         if not self.ready(request):
-            return False
+            return None
+        if self.tiered:
+            return self._resume(request)
         n_blocks = -(-request.num_computed_tokens // self.block_size)
-        names = self._names(request)[: request.num_named_blocks] if self.prefix_caching and self.reuse else []
-        cached = {j: b for j, name in enumerate(names) if (b := self.device.find(name)) is not None}
-        missing = [j for j in range(n_blocks) if j not in cached]
-        need = len(missing) + sum(b in self.device.lru for b in cached.values())
-        if need > self.device.num_available:
+        if n_blocks > self.device.num_available:
             self.poll()
-            if need > self.device.num_available:
-                return False
-        self.device.take(list(cached.values()))  # before allocating, which could evict them
-        after = cached.get(missing[0] - 1) if missing else None
-        fresh = self.device.allocate(len(missing), owner=request.request_id, after=after,
-                                     expected=self._expected_blocks(request, request.num_computed_tokens))
-        blocks = cached | dict(zip(missing, fresh))
-        request.block_ids = [blocks[j] for j in range(n_blocks)]
-        request.swap = self._plan("in", plan_copies([request.host_block_ids[j] for j in missing], fresh))
+            if n_blocks > self.device.num_available:
+                return None
+        request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
+                                                 expected=self._expected_blocks(request, request.num_computed_tokens))
+        request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
         self._time_swap(request, request.swap)
-        renamed = [(b, names[j]) for j, b in zip(missing, fresh) if j < len(names)]
-        self._after(request.swap, lambda: [self.device.name(b, name) for b, name in renamed])
-        self.stats.resume_device_blocks += len(cached)
         if not self.reuse:
             self._release_host(request, request.swap)
+        return request.num_computed_tokens
+
+    def pause_trade(self, request: Request) -> tuple[int, int]:
+        """What pausing a running request by swap would do that recomputing it would not: (blocks copied, out
+        and back in; tokens that recomputation would compute instead).
+
+        Tiered, both keep its full blocks in the device cache and write-back puts them on the host, so they
+        differ by the partial block (and, without write-back, the full blocks the host lacks); otherwise a
+        swap copies the stale blocks out and every block back, and recomputation computes every token."""
+        computed, block = request.num_computed_tokens, self.block_size
+        if not self.tiered:
+            n_blocks = -(-computed // block)
+            valid = n_blocks if request.host_tokens == computed else request.host_tokens // block
+            return n_blocks - valid + n_blocks, computed
+        partial = computed % block
+        lost = 0 if self.write_back else sum(self.host.find(name) is None
+                                             for name in self._names(request)[: computed // block])
+        return 2 * (lost + (partial > 0)), lost * block + partial
+
+    # -- the tiered path: a paused request's KV lives in the caches of both tiers -----------------
+
+    def _pause(self, request: Request) -> bool:
+        """Copy what the host lacks of a request's KV there, and release its device blocks into the cache.
+
+        Full blocks go to the host as named, cached blocks (evictable like any history; a paused request
+        pins none), the partly filled last one as the request's own; what the host has no room for is
+        recomputed on resume if the device evicts it meanwhile. Always succeeds."""
+        self._trim(request)
+        if not self.ready(request):  # a swap-in still writing these device blocks must land first
+            self._settle(request.swap)
+        computed, full = request.num_computed_tokens, request.num_computed_tokens // self.block_size
+        names = self._names(request)[:full]
+        on_host = [b for name in names if (b := self.host.find(name)) is not None]
+        self.host.take(on_host)  # before allocating, which could evict them
+        stale = [j for j, name in enumerate(names) if self.host.find(name) is None]
+        if computed % self.block_size:
+            stale.append(full)  # the partial block
+        fits = stale[: self.host.num_available]
+        if len(fits) < len(stale):
+            self.stats.recompute_fallbacks += 1
+        self.stats.reuse_saved_blocks += len(names) - len([j for j in stale if j < full])
+        host_blocks = self.host.allocate(len(fits)) if fits else []
+        sources = [request.block_ids[j] for j in fits]
+        handle = self._plan("out", plan_copies(sources, host_blocks))
+        self._read_by(handle, sources)
+        self._time_swap(request, handle)
+        named = [(b, names[j]) for j, b in zip(fits, host_blocks) if j < full]
+        partial = [b for j, b in zip(fits, host_blocks) if j == full]
+
+        def landed():
+            for block, name in named:
+                self.host.name(block, name)
+            self.host.drop([b for b, _ in named])
+
+        self._after(handle, landed)
+        self.host.drop(on_host)
+        self._release_device(request, handle)
+        request.host_block_ids, request.host_tokens = partial, computed if partial else 0
+        request.swap = handle
         return True
+
+    def _resume(self, request: Request) -> int | None:
+        """Take back the blocks the device still caches, copy in what only the host has, and leave the rest
+        (from the first block neither tier holds) to be recomputed."""
+        computed, full = request.num_computed_tokens, request.num_computed_tokens // self.block_size
+        names = self._names(request)[:full]
+        source: list[tuple[str, int]] = []  # per block: ("device" | "host", block)
+        for name in names:
+            found = ("device", self.device.find(name)) if self.device.find(name) is not None else \
+                ("host", self.host.find(name))
+            if found[1] is None:
+                break
+            source.append(found)
+        if len(source) == full and request.host_tokens == computed and request.host_block_ids:
+            source.append(("host", request.host_block_ids[0]))  # the partial block, the request's own
+        cached = [b for where, b in source if where == "device"]
+        to_copy = [j for j, (where, _) in enumerate(source) if where == "host"]
+        if len(to_copy) + sum(b in self.device.lru for b in cached) > self.device.num_available:
+            self.poll()
+            if len(to_copy) + sum(b in self.device.lru for b in cached) > self.device.num_available:
+                return None
+        self.device.take(cached)
+        host_sources = [source[j][1] for j in to_copy]
+        self.host.take(host_sources)  # pinned while they are read
+        after = source[to_copy[0] - 1][1] if to_copy and to_copy[0] else None
+        tokens = min(computed, len(source) * self.block_size)
+        fresh = self.device.allocate(len(to_copy), owner=request.request_id, after=after,
+                                     expected=self._expected_blocks(request, tokens))
+        blocks = dict(enumerate(b for _, b in source)) | dict(zip(to_copy, fresh))
+        request.block_ids = [blocks[j] for j in range(len(source))]
+        request.swap = self._plan("in", plan_copies(host_sources, fresh))
+        self._time_swap(request, request.swap)
+        renamed = [(b, names[j]) for j, b in zip(to_copy, fresh) if j < full]
+
+        def landed():
+            for block, name in renamed:
+                self.device.name(block, name)
+            self.host.drop(host_sources)
+
+        self._after(request.swap, landed)
+        self._release_host(request, request.swap)
+        request.num_named_blocks = request.num_written_through = min(len(source), full)
+        self.stats.resume_device_blocks += len(cached)
+        self.stats.resume_recomputed_tokens += computed - tokens
+        return tokens
 
     # -- finishing -----------------------------------------------------------------------------
 
@@ -359,6 +463,14 @@ class KVManager:
             request.metrics.swap_s += self.clock.now() - start
 
         self._after(copy_id, done)
+
+    def _trim(self, request: Request) -> int:
+        """Give back blocks grown for a chunk the request will not compute now; the blocks its KV fills."""
+        n_blocks = -(-request.num_computed_tokens // self.block_size)
+        if len(request.block_ids) > n_blocks:
+            extra, request.block_ids = request.block_ids[n_blocks:], request.block_ids[:n_blocks]
+            self._after(request.swap, lambda: self.device.drop(extra))
+        return n_blocks
 
     def _names(self, request: Request) -> list[bytes]:
         if len(request.block_names) < request.num_tokens // self.block_size:

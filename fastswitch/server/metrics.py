@@ -24,7 +24,10 @@ COUNTERS = {  # EngineStats field -> (metric name, help)
     "reuse_saved_blocks": ("reuse_saved_blocks", "Blocks a swap-out did not copy: already valid on the host"),
     "prefix_device_hit_blocks": ("prefix_device_hit_blocks", "Prompt blocks found in the device prefix cache"),
     "prefix_host_hit_blocks": ("prefix_host_hit_blocks", "Prompt blocks found in the host tier"),
-    "recompute_fallbacks": ("recompute_fallbacks", "Swap preemptions turned into recomputation: host full"),
+    "resume_device_blocks": ("resume_device_blocks", "Blocks resumes found still cached on the device (not copied)"),
+    "resume_recomputed_tokens": ("resume_recomputed_tokens", "Tokens resumes found in neither tier (recomputed)"),
+    "writeback_blocks": ("writeback_blocks", "Blocks copied to the host tier by write-through and write-back"),
+    "recompute_fallbacks": ("recompute_fallbacks", "Swap preemptions the host tier could not hold whole"),
     "stall_s": ("stall_seconds", "Time the compute path waited on copies"),
     "iterations": ("iterations", "Scheduling iterations that ran the model"),
 }

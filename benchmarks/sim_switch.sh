@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 22's question, simulated at the paper's scale: does pausing by swap pay against what users run
+# today? fastswitch (swap, and auto) against recompute, vllm-v1 and sglang (docs/baselines.md), for
+# LLaMA-8B on an A10 and Qwen-32B on an A100, near capacity and past it, with sim_paper.sh's workload
+# (1,000 conversations, markov priorities, 60 GiB of host over PCIe 4.0); then the 8B overload with a
+# 4 GiB host tier, where paused requests compete with cached histories for the host.
+#
+#   benchmarks/sim_switch.sh OUT_DIR
+#
+# Writes OUT_DIR/<setting>/<preset>/results.json and a `bench compare` table per setting (compare.md,
+# with every run against the best of recompute, vllm-v1 and sglang). JOBS (default 2) simulations run at
+# once: they are single-threaded and in simulated time, so they need cores, not a quiet machine.
+set -euo pipefail
+out=$1
+jobs=${JOBS:-2}
+workload=(--conversations 1000 --max-context 4096 --priorities markov --no-progress)
+declare -A settings=(
+    [llama8b-a10]="--model llama3-8b --profile a10 --trace-update-freq 0.04 --rate 2 --swap-space 60"
+    [llama8b-a10-overload]="--model llama3-8b --profile a10 --trace-update-freq 0.04 --rate 2.5 --swap-space 60"
+    [qwen32b-a100]="--model qwen2.5-32b --profile a100-80g --trace-update-freq 0.02 --rate 1 --swap-space 60"
+    [qwen32b-a100-overload]="--model qwen2.5-32b --profile a100-80g --trace-update-freq 0.02 --rate 1.5 --swap-space 60"
+    [llama8b-a10-overload-host4g]="--model llama3-8b --profile a10 --trace-update-freq 0.04 --rate 2.5 --swap-space 4"
+)
+runs=(fastswitch fastswitch-auto recompute vllm-v1 sglang)
+for setting in "${!settings[@]}"; do
+    for run in "${runs[@]}"; do
+        preset=${run%-auto}
+        extra=()
+        [ "$run" = "$preset" ] || extra=(--preemption-mode auto)
+        dir="$out/$setting/$run"
+        [ -f "$dir/results.json" ] && continue
+        # shellcheck disable=SC2086  # a setting is a list of options
+        echo "python -m fastswitch sim --out $dir --label $run --preset $preset ${settings[$setting]} ${workload[*]} ${extra[*]}"
+    done
+done | xargs -P "$jobs" -I{} bash -c "{} > /dev/null"
+for setting in "${!settings[@]}"; do
+    python -m fastswitch bench compare "${runs[@]/#/$out/$setting/}" --out "$out/$setting" > /dev/null
+done
+echo "wrote $out/*/compare.md"
