@@ -144,9 +144,10 @@ def _sim_parser(commands) -> None:
                     "allocators and KV manager, with a cost model of the device for each iteration and of the host "
                     "link for each swap. Writes the same DIR/results.json (mode 'sim'). --model is a built-in shape "
                     f"({', '.join(SHAPES)}) or a model folder (its config.json is enough); default: with a profile "
-                    "that 'sim calibrate' wrote, the model it measured (and its --dtype, and on a CPU the CPU "
-                    "engine's 1 GiB KV pool unless a pool size is given), as 'bench run' would run; with a built-in "
-                    "profile, llama3-8b. 'fastswitch sim calibrate' measures this machine into a profile.")
+                    "that 'sim calibrate' wrote, the model it measured, in the dtype it ran unless --dtype is given, "
+                    "and for a CPU profile the CPU engine's 1 GiB KV pool unless a pool size is given (what 'bench "
+                    "run' takes there); with a built-in profile, llama3-8b. 'fastswitch sim calibrate' measures this "
+                    "machine into a profile.")
     _run_args(sim, "how priorities change per iteration (trace policy, --trace-update-freq); none: the engine's "
                    "--policy decides (default: markov)", out_required=False)
     sim.add_argument("--profile", default="a10", help=f"hardware: {', '.join(HARDWARE)}, or a profile file that "
