@@ -301,11 +301,12 @@ class KVManager:
         names = self._names(request)[:full]
         source: list[tuple[str, int]] = []  # per block: ("device" | "host", block)
         for name in names:
-            found = ("device", self.device.find(name)) if self.device.find(name) is not None else \
-                ("host", self.host.find(name))
-            if found[1] is None:
+            block, where = self.device.find(name), "device"
+            if block is None:
+                block, where = self.host.find(name), "host"
+            if block is None:
                 break
-            source.append(found)
+            source.append((where, block))
         if len(source) == full and request.host_tokens == computed and request.host_block_ids:
             source.append(("host", request.host_block_ids[0]))  # the partial block, the request's own
         cached = [b for where, b in source if where == "device"]
