@@ -5,7 +5,7 @@
 #   benchmarks/conversations.sh OUT_DIR [bench run options...]
 #   e.g. benchmarks/conversations.sh benchmarks/results/conversations_tiny --num-kv-blocks 128 --rate 2
 #
-# PRESETS (default: all nine) picks a subset, e.g. PRESETS="baseline fastswitch".
+# PRESETS (default: all eight) picks a subset, e.g. PRESETS="baseline fastswitch".
 # REPEATS=N (default 1) runs every preset N times, alternating presets within each round (so drift on a
 # shared machine hits all alike), into OUT_DIR/PRESET/run-K; each round gets its own comparison
 # (OUT_DIR/round-K), and benchmarks/repeats.py writes OUT_DIR/repeats.md: median and spread per preset.
