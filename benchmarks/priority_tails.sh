@@ -22,8 +22,10 @@ for variant in "priority|--policy priority" "priority-aging|--policy priority --
                "slo|--policy slo"; do
     label="${variant%%|*}"
     # shellcheck disable=SC2086  # the variant's options are words
+    # bf16 as vLLM serves it: the same KV bytes then hold the same tokens (dtype auto picks fp32 on a CPU
+    # without native bf16, which halves them); a --dtype among the options overrides it.
     python -m fastswitch bench run --mode http --preset fastswitch --label "$label" --model "$model" \
-        --kv-cache-memory-bytes "$kv_bytes" --out "$out/$label" ${variant#*|} "$@"
+        --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" --out "$out/$label" ${variant#*|} "$@"
     runs+=("$out/$label")
 done
 python -m fastswitch bench compare "${runs[@]}" --out "$out"

@@ -100,8 +100,8 @@ compare() {
     local model="$1" kv_bytes="$2" out="$3"
     shift 3
     run "$model" "$kv_bytes" "$out" "$@"
-    python -m fastswitch bench run --mode http --preset fastswitch --label fastswitch \
-        --model "$model" --kv-cache-memory-bytes "$kv_bytes" --out "$out/fastswitch" "$@"
+    python -m fastswitch bench run --mode http --preset fastswitch --label fastswitch --dtype bfloat16 \
+        --model "$model" --kv-cache-memory-bytes "$kv_bytes" --out "$out/fastswitch" "$@"  # bf16 as vLLM: same tokens
     python -m fastswitch bench compare "$out/vllm-cpu" "$out/fastswitch" --out "$out"
 }
 
