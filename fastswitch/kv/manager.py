@@ -66,7 +66,7 @@ class KVManager:
         self.block_size, self.stats, self.swapper = block_size, stats, swapper
         self.reuse = reuse and swapper is not None and swapper.mode == "fastswitch"
         self.prefix_caching, self.clock = prefix_caching, clock or MonotonicClock()
-        self.write_through = write_through if self.reuse and prefix_caching else "off"
+        self.write_through = write_through if self.tiered else "off"
         self.write_back = write_back
         self._pending: dict[int, list[Callable[[], None]]] = {}  # copies not known done -> work to do then
         self._reading: dict[int, int] = {}  # device block -> the copy to the host still reading it
