@@ -1,5 +1,6 @@
-"""Median and spread of repeated runs: every OUT_DIR/PRESET/run-K/results.json that
-`REPEATS=N benchmarks/conversations.sh` wrote, one row per preset, into OUT_DIR/repeats.md.
+"""Median and spread of repeated runs, one row per run label, into OUT_DIR/repeats.md: every
+OUT_DIR/PRESET/run-K/results.json that `REPEATS=N benchmarks/conversations.sh` wrote, or
+OUT_DIR/run-K/LABEL/results.json from `REPEATS=N benchmarks/priority_tails.sh`.
 
     python benchmarks/repeats.py OUT_DIR
 """
@@ -11,14 +12,18 @@ import numpy as np
 
 from fastswitch.bench import report
 
-FIGURES = [("TTFT P99 s", "ttft_p99", "{:.3f}"), ("TTFT P50 s", "ttft_p50", "{:.3f}"),
-           ("TBT P99.9 s", "tbt_p999", "{:.3f}"), ("tok/s", "throughput_tok_s", "{:.1f}"),
-           ("preemptions / request", "preemptions_per_request", "{:.2f}")]
+FIGURES = [  # (column, summary key, format); a key "a.b" is summary["a"]["b"]
+    ("TTFT P99 s", "ttft_p99", "{:.3f}"), ("TTFT P50 s", "ttft_p50", "{:.3f}"), ("TBT P99 s", "tbt_p99", "{:.3f}"),
+    ("TBT P99.9 s", "tbt_p999", "{:.3f}"), ("tok/s", "throughput_tok_s", "{:.1f}"),
+    ("goodput req/s", "goodput_req_s", "{:.2f}"), ("SLO met, level 0", "slo_attainment_by_priority.0", "{:.1%}"),
+    ("SLO met, level 1", "slo_attainment_by_priority.1", "{:.1%}"), ("rejected", "rejected", "{:.0f}"),
+    ("timed out", "timed_out", "{:.0f}"), ("preemptions / request", "preemptions_per_request", "{:.2f}"),
+]
 
 
 def main(out: Path) -> None:
     runs: dict[str, list[dict]] = {}
-    for path in sorted(out.glob("*/run-*/results.json")):
+    for path in sorted([*out.glob("*/run-*/results.json"), *out.glob("run-*/*/results.json")]):
         run = report.load(path.parent)
         runs.setdefault(run["label"], []).append(run["summary"])
     header = ["preset", "runs", *(f"{name}: median (min–max)" for name, _, _ in FIGURES)]
@@ -26,12 +31,18 @@ def main(out: Path) -> None:
     for label, summaries in runs.items():
         cells = [label, str(len(summaries))]
         for _, key, fmt in FIGURES:
-            values = [s[key] for s in summaries if s.get(key) is not None]
+            values = [v for s in summaries if (v := _figure(s, key)) is not None]
             cells.append("—" if not values else f"{fmt.format(np.median(values))} "
                          f"({fmt.format(min(values))}–{fmt.format(max(values))})")
         lines.append("| " + " | ".join(cells) + " |")
     (out / "repeats.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _figure(summary: dict, key: str):
+    for part in key.split("."):
+        summary = summary.get(part) if isinstance(summary, dict) else None
+    return summary
 
 
 if __name__ == "__main__":

@@ -129,6 +129,12 @@ def _bench_run_parser(benches) -> None:
                      help="offline: drive the engine in this process; http: stream from a server (default: offline)")
     run.add_argument("--url", help="http mode: an OpenAI-compatible server's /v1 URL (default: start 'fastswitch "
                                    "serve' with the preset)")
+    run.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                     help="http mode: a turn not streamed in full this long after its first send is abandoned and "
+                          "its conversation ends (default: none)")
+    run.add_argument("--max-retries", type=int, default=2,
+                     help="http mode: times a turn refused with HTTP 429 is sent again once its Retry-After has "
+                          "passed, as the OpenAI SDK does; then its conversation ends (default: 2)")
     _run_args(run, "how priorities change: offline, per iteration (trace policy, --trace-update-freq); over HTTP, "
                    "per request, ranked by --policy priority (or slo or vtc, if given); none: the engine's --policy "
                    "decides (default: markov)")
@@ -260,6 +266,8 @@ def _bench_run(args) -> int:
 
     if args.url and args.mode != "http":
         raise ValueError("--url needs --mode http")
+    if args.max_retries < 0 or args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError("--max-retries must be at least 0 and --request-timeout positive")
     config = _run_config(args, offline=args.mode == "offline")
     path = config.model or default_model_path()
     max_position = config.max_model_len or ModelConfig.from_folder(path, need_weights=False).max_position_embeddings
@@ -273,7 +281,8 @@ def _bench_run(args) -> int:
         with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
             before = runner.server_counters(url)
             records, duration = asyncio.run(runner.run_http(url, conversations, args.priorities, config.trace_levels,
-                                                            args.workload_seed, args.progress))
+                                                            args.workload_seed, args.progress, args.request_timeout,
+                                                            args.max_retries))
             after = runner.server_counters(url)
         counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
     _write_results(args, label, config, records, duration, counters,
@@ -366,7 +375,7 @@ def _write_results(args, label: str, config: EngineConfig, records, duration: fl
 
 
 _WORKLOAD_ARGS = ("workload", "conversations", "rate", "input_mean", "output_mean", "think_mean", "max_context",
-                  "users", "workload_seed", "priorities", "slo_ttft", "slo_tbt")
+                  "users", "workload_seed", "priorities", "slo_ttft", "slo_tbt", "request_timeout", "max_retries")
 
 
 def _workload(args, max_position: int, tokenizer_folder: str | Path):

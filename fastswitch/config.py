@@ -5,7 +5,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
-from fastswitch.slo import DEFAULT_TBT, DEFAULT_TTFT, SLO
+from fastswitch.slo import DEFAULT_SHED, DEFAULT_TBT, DEFAULT_TTFT, SLO, parse_shed_bounds
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -65,6 +65,10 @@ class EngineConfig:
     slo_ttft: str = _opt(DEFAULT_TTFT, "time-to-first-token target per priority level, 'level=seconds,...' or one "
                                        "number for all: the slo policy's deadlines and the fastswitch:slo_* metrics")
     slo_tbt: str = _opt(DEFAULT_TBT, "target of the mean time between tokens per priority level, as for slo_ttft")
+    shed: str = _opt("auto", "admission control past capacity: 'level=bound,...' refuses (HTTP 429, Retry-After) a "
+                             "request of that level or worse that has no first token and cannot start within "
+                             "bound x its TTFT target (waited, or predicted from the queue ahead and the measured "
+                             f"start rate); 'off': never; 'auto': {DEFAULT_SHED} under the slo policy, off otherwise")
     thrash_guard: int = _opt(2, "iterations a just-resumed request is safe from being preempted again")
     trace_pattern: str = _opt("random", "trace policy: 'random' re-draws a priority level, 'markov' moves one level",
                               choices=["random", "markov"])
@@ -111,9 +115,16 @@ class EngineConfig:
             raise ValueError(f"invalid thrash_guard={self.thrash_guard!r}: must be an integer >= 0")
         self.user_weights()  # validates
         self.slo()
+        self.shed_bounds()
 
     def slo(self) -> SLO:
         return SLO.parse(self.slo_ttft, self.slo_tbt)
+
+    def shed_bounds(self) -> dict[int, float]:
+        """Admission control's bounds by level, in TTFT targets (empty: off)."""
+        if self.shed == "auto":
+            return parse_shed_bounds(DEFAULT_SHED if self.policy == "slo" else "off")
+        return parse_shed_bounds(self.shed)
 
     def user_weights(self) -> dict[str, float]:
         weights = {}

@@ -111,10 +111,11 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float] | None] | None = None
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", or "rejected" (shed by admission control, no token)
     stop_reason: int | str | None = None  # the stop token id that ended it
     num_cached_tokens: int = 0  # prompt tokens served from cached KV instead of prefill
     metrics: RequestMetrics | None = None  # the core's scheduling figures so far (no token times)
+    retry_after_s: float | None = None  # rejected: when a retry may find room
 
 
 class Snapshot(msgspec.Struct):

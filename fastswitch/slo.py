@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 DEFAULT_TTFT = "0=0.5,1=1,2=2,3=4"
 DEFAULT_TBT = "0=0.1,1=0.2,2=0.4,3=0.8"
+DEFAULT_SHED = "2=2"  # the slo policy's: levels 2 and worse, after 2 TTFT targets
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,19 @@ class SLO:
         """Whether a request of this level met its TTFT target, and its TBT target (on the mean gap)."""
         mean_gap = sum(token_gaps_s) / len(token_gaps_s) if token_gaps_s else 0.0
         return ttft_s <= self.ttft(priority), mean_gap <= self.tbt(priority)
+
+
+def parse_shed_bounds(text: str) -> dict[int, float]:
+    """`level=bound,...` in TTFT targets; '' or 'off': no level is shed (admission control, `engine/admission.py`)."""
+    bounds = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        if item == "off":
+            continue
+        level, _, value = item.partition("=")
+        try:
+            bounds[int(level)] = bound = float(value)
+        except ValueError:
+            raise ValueError(f"invalid shed entry {item!r}: expected level=bound (in TTFT targets), e.g. 2=2") from None
+        if not bound > 0:
+            raise ValueError(f"invalid shed entry {item!r}: a bound must be > 0 TTFT targets")
+    return bounds

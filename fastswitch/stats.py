@@ -23,6 +23,7 @@ class EngineStats:
     prefix_host_hit_blocks: int = 0  # prompt blocks found in the host tier and swapped in instead of prefilled
     resume_device_blocks: int = 0  # blocks a swap-in found still cached on the device: taken back, not copied
     resume_recomputed_tokens: int = 0  # tokens a swap-in found in neither tier: recomputed
+    rejected_requests: int = 0  # shed by admission control before their first token
     recompute_fallbacks: int = 0  # swap preemptions turned into recomputation because the host was full
     stall_s: float = 0.0  # time the compute path waited on copies
 

@@ -56,6 +56,7 @@ def test_generate_prints_completions(capsys, llama_dir):
     (["demo-model", "x", "--size", "7b"], "invalid choice"),
     (["generate", "--slo-ttft", "0=fast"], "invalid slo_ttft entry '0=fast'"),
     (["generate", "--slo-tbt", "1=-2"], "a target must be > 0 seconds"),
+    (["generate", "--shed", "2=soon"], "invalid shed entry '2=soon'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message, llama_dir):
     code, _, err = run_cli(capsys, *argv)

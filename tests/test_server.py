@@ -22,7 +22,8 @@ from tests.serving import Server, gone
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    s = Server(llama_dir, "--slo-ttft", "0=60,1=1e-9", "--slo-tbt", "0=60,1=1e-9")  # level 1 cannot make it
+    # Level 1 cannot make its targets; level 5 (and worse) is shed at once, as past capacity.
+    s = Server(llama_dir, "--slo-ttft", "0=60,1=1e-9", "--slo-tbt", "0=60,1=1e-9", "--shed", "5=1")
     yield s
     assert s.stop() == 0, "SIGTERM should end the server cleanly"
 
@@ -206,6 +207,30 @@ def test_slo_attainment_is_counted_per_level_and_kind(server, client):
         assert count(after, "missed", 0, kind) == count(before, "missed", 0, kind)
 
 
+def test_a_request_shed_past_capacity_gets_429_with_retry_after_and_nothing_else_is_lost(server, client):
+    def shed(metrics):
+        return metrics.get("fastswitch:requests_rejected_total[('priority', '5'), ('reason', 'overloaded')]", 0)
+
+    before = server.metrics()
+    stream = client.completions.create(model="tiny", prompt="keeps going", max_tokens=16, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for body in ({"prompt": "shed me", "max_tokens": 4, "priority": 5},
+                 {"prompt": "shed me too", "max_tokens": 4, "priority": 6, "stream": True}):
+        r = httpx.post(f"{server.url}/v1/completions", json=body)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        error = r.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "overloaded" and "priority" in error["message"]
+    with pytest.raises(openai.RateLimitError):
+        client.with_options(max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={"priority": 5})
+    assert sum(len(c.choices[0].text) > 0 for c in stream if c.choices) >= 1  # the stream ran on to its end
+    deadline = time.monotonic() + 10
+    while (after := server.metrics())["fastswitch:num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the idle snapshot comes after the last step
+    assert shed(after) == shed(before) + 2  # the completion and the chat request (priority 6 has its own label)
+    assert after["fastswitch:num_requests_waiting"] == 0 and after["fastswitch:kv_cache_usage_perc"] == 0
+
+
 def test_api_key_and_limits(llama_dir):
     s = Server(llama_dir, "--api-key", "sekret", "--max-request-bytes", "2000", "--max-queue", "1")
     try:
@@ -220,7 +245,7 @@ def test_api_key_and_limits(llama_dir):
                        headers={"authorization": "Bearer sekret"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["a", "b"]}, headers={"authorization": "Bearer sekret"})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"]
     finally:
         assert s.stop() == 0
 

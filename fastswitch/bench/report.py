@@ -6,12 +6,15 @@ quantiles its CDF plot needs: a few KB) and, when it compresses to at most `REQU
 `requests.json.gz` beside it: every request's record, times rounded to the microsecond. A larger
 run keeps only results.json; its command regenerates the records.
 
-Latencies are in seconds. TTFT is measured from a request's arrival (offline) or from when it was
-sent (HTTP); TBT pools every gap between consecutive tokens of every request. A request meets the
-SLO when its TTFT and its mean TBT are within its priority level's targets (`fastswitch/slo.py`;
-level 0's for a request sent without a priority); goodput counts those per second. Jain's fairness index
-is over per-user service, counted as VTC counts it by default (a prompt token 1, an output token 2):
-1 when every user got the same, 1/users when one got everything.
+Latencies are in seconds, over the requests served (not those rejected or timed out). TTFT is
+measured from a request's arrival (offline) or from when it was first sent (HTTP, so waiting out
+429s counts); TBT pools every gap between consecutive tokens of every request. A request meets the
+SLO when it was served and its TTFT and its mean TBT are within its priority level's targets
+(`fastswitch/slo.py`; level 0's for a request sent without a priority): attainment and goodput (those
+met per second) count every request sent, a rejected or timed-out one as a miss. Jain's fairness
+index is over per-user service, counted as VTC counts it by default (a prompt token 1, an output
+token 2; nothing for a request not served): 1 when every user got the same, 1/users when one got
+everything.
 """
 
 import dataclasses
@@ -37,7 +40,7 @@ TABLE = [  # (column, summary key, format)
     ("lowest level's TTFT P99 s", "lowest_level_ttft_p99", "{:.3f}"), ("TBT P50 s", "tbt_p50", "{:.4f}"),
     ("TBT P99 s", "tbt_p99", "{:.3f}"), ("TBT P99.9 s", "tbt_p999", "{:.3f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"), ("goodput req/s", "goodput_req_s", "{:.2f}"),
-    ("SLO met", "slo_attainment", "{:.1%}"),
+    ("SLO met", "slo_attainment", "{:.1%}"), ("rejected", "rejected", "{:.0f}"), ("timed out", "timed_out", "{:.0f}"),
     ("preemptions", "preemptions", "{:.0f}"), ("preemptions / request", "preemptions_per_request", "{:.2f}"),
     ("paused s / preemption", "paused_s_per_preemption", "{:.2f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
     ("swap-out MB", "swap_out_bytes", "{:.1f}"), ("reuse-saved blocks", "reuse_saved_blocks", "{:.0f}"),
@@ -51,12 +54,14 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def summarize(records: list[RequestRecord], duration_s: float, counters: dict[str, float | None],
               slo: SLO | None = None) -> dict:
-    ttft = [r.ttft_s for r in records]
-    tbt = [gap for r in records for gap in r.tbt_s]
-    output_tokens = sum(r.output_tokens for r in records)
-    summary = {"requests": len(records), "duration_s": duration_s, "output_tokens": output_tokens,
+    served = _served(records)
+    tbt = [gap for r in served for gap in r.tbt_s]
+    output_tokens = sum(r.output_tokens for r in served)
+    summary = {"requests": len(records), "served": len(served), "rejected": _count(records, "rejected"),
+               "timed_out": _count(records, "timeout"), "rejections": sum(r.rejections for r in records),
+               "duration_s": duration_s, "output_tokens": output_tokens,
                "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else None}
-    summary |= {f"ttft_{name}": percentile(ttft, q) for name, q in PERCENTILES.items()}
+    summary |= {f"ttft_{name}": percentile([r.ttft_s for r in served], q) for name, q in PERCENTILES.items()}
     summary |= {f"tbt_{name}": percentile(tbt, q) for name, q in PERCENTILES.items() if name != "p95"}
     slo = slo or SLO.parse()
     met = [r for r in records if _meets(r, slo)]
@@ -66,10 +71,15 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
     for r in records:
         if r.priority is not None:
             by_priority[r.priority].append(r)
-    levels = sorted(by_priority.items())
-    summary["ttft_p99_by_priority"] = {str(p): percentile([r.ttft_s for r in v], 99) for p, v in levels}
-    summary["slo_attainment_by_priority"] = {str(p): sum(_meets(r, slo) for r in v) / len(v) for p, v in levels}
-    summary["lowest_level_ttft_p99"] = percentile([r.ttft_s for r in levels[-1][1]], 99) if levels else None
+    levels = [(str(p), v) for p, v in sorted(by_priority.items())]
+    summary["ttft_p99_by_priority"] = {p: percentile([r.ttft_s for r in _served(v)], 99) for p, v in levels}
+    gaps = {p: [g for r in _served(v) for g in r.tbt_s] for p, v in levels}
+    summary["tbt_p99_by_priority"] = {p: percentile(g, 99) for p, g in gaps.items()}
+    summary["tbt_p999_by_priority"] = {p: percentile(g, 99.9) for p, g in gaps.items()}
+    summary["slo_attainment_by_priority"] = {p: sum(_meets(r, slo) for r in v) / len(v) for p, v in levels}
+    summary["rejected_by_priority"] = {p: _count(v, "rejected") for p, v in levels}
+    summary["timed_out_by_priority"] = {p: _count(v, "timeout") for p, v in levels}
+    summary["lowest_level_ttft_p99"] = summary["ttft_p99_by_priority"][levels[-1][0]] if levels else None
     summary["jain_index"] = jain_index(records)
     summary |= {key: counters.get(key) for key in COUNTERS}
     preemptions = counters.get("preemptions")
@@ -79,14 +89,22 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
     return summary
 
 
+def _served(records: list[RequestRecord]) -> list[RequestRecord]:
+    return [r for r in records if r.outcome == "ok"]
+
+
+def _count(records: list[RequestRecord], outcome: str) -> int:
+    return sum(r.outcome == outcome for r in records)
+
+
 def _meets(r: RequestRecord, slo: SLO) -> bool:
-    return all(slo.met(r.priority or 0, r.ttft_s, r.tbt_s))
+    return r.outcome == "ok" and all(slo.met(r.priority or 0, r.ttft_s, r.tbt_s))
 
 
 def jain_index(records: list[RequestRecord]) -> float | None:
     service = defaultdict(float)
-    for r in records:
-        service[r.user] += r.prompt_tokens + 2 * r.output_tokens
+    for r in records:  # a user whose requests were all refused counts, with nothing
+        service[r.user] += r.prompt_tokens + 2 * r.output_tokens if r.outcome == "ok" else 0
     x = np.array(list(service.values()))
     return float(x.sum() ** 2 / (len(x) * (x**2).sum())) if len(x) and x.any() else None
 
@@ -96,7 +114,7 @@ def jain_index(records: list[RequestRecord]) -> float | None:
 
 def write(out_dir: Path, results: dict, records: list[RequestRecord]) -> None:
     """results.json with the TTFT quantiles for plots, and the records beside it if they compress small enough."""
-    ttft = [r.ttft_s for r in records]
+    ttft = [r.ttft_s for r in _served(records)]
     results = results | {"ttft_quantiles": _rounded(np.quantile(ttft, CDF_QUANTILES).tolist()) if ttft else []}
     packed = gzip.compress(json.dumps([_rounded(dataclasses.asdict(r)) for r in records],
                                       separators=(",", ":")).encode(), mtime=0)

@@ -10,6 +10,11 @@
 Priorities: offline, `random` and `markov` re-draw them every iteration through the `trace` policy;
 over HTTP a request carries one, drawn when it is sent (`random`: any level; `markov`: one level up
 or down from the conversation's previous turn).
+
+A request the server refuses with HTTP 429 is sent again once its `Retry-After` has passed, at most
+`max_retries` times, as the OpenAI Python SDK does (offline, a shed request is not retried); one
+refused after that, or not finished within the client's timeout, is recorded as not served, and its
+conversation ends there: the user gives up, since later turns need its reply.
 """
 
 import asyncio
@@ -82,10 +87,12 @@ class RequestRecord:
     output_tokens: int
     cached_tokens: int | None
     arrival_s: float  # since the run started
-    ttft_s: float
+    ttft_s: float | None  # None when not served
     tbt_s: list[float]  # gaps between consecutive tokens
     preemptions: int | None = None
     paused_s: float | None = None  # time preempted (offline and simulated runs)
+    outcome: str = "ok"  # "ok" (served), "rejected" (429 after the client's retries; shed offline), "timeout"
+    rejections: int = 0  # 429s it got, retries included
 
 
 def run_offline(engine: Engine, conversations: list[Conversation], progress: bool = True) -> tuple[list[RequestRecord], float]:
@@ -115,8 +122,11 @@ def run_offline(engine: Engine, conversations: list[Conversation], progress: boo
                     continue
                 n, k, priority = live.pop(out.request_id)
                 c = conversations[n]
-                replies[n].append(out.token_ids)
                 records.append(_offline_record(out, c, k, priority, start))
+                if out.finish_reason == "rejected":
+                    bar.update(len(c.turns) - k)  # this turn and the later ones, which need its reply
+                    continue
+                replies[n].append(out.token_ids)
                 if k + 1 < len(c.turns):
                     heapq.heappush(due, (out.metrics.finish_time - start + c.turns[k + 1].think_s, n, k + 1))
                 bar.update()
@@ -132,18 +142,26 @@ def _params(c: Conversation, turn: int) -> SamplingParams:
 
 
 def _offline_record(out: RequestOutput, c: Conversation, turn: int, priority: int, start: float) -> RequestRecord:
-    m = out.metrics
+    m, rejected = out.metrics, out.finish_reason == "rejected"
     return RequestRecord(out.request_id, c.id, turn, c.user, priority, len(out.prompt_token_ids), len(out.token_ids),
-                         out.num_cached_tokens, m.arrival_time - start, m.first_token_time - m.arrival_time,
-                         [b - a for a, b in zip(m.token_times, m.token_times[1:])], m.num_preemptions, m.paused_s)
+                         out.num_cached_tokens, m.arrival_time - start,
+                         None if rejected else m.first_token_time - m.arrival_time, _gaps(m.token_times),
+                         m.num_preemptions, m.paused_s, "rejected" if rejected else "ok", int(rejected))
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
 
 
 # -- over HTTP ------------------------------------------------------------------------------------------
 
 
 async def run_http(url: str, conversations: list[Conversation], priorities: str = "none", levels: int = 4,
-                   seed: int = 0, progress: bool = True) -> tuple[list[RequestRecord], float]:
-    """Every turn of every conversation against the server at `url` (its /v1 base)."""
+                   seed: int = 0, progress: bool = True, request_timeout_s: float | None = None,
+                   max_retries: int = 2) -> tuple[list[RequestRecord], float]:
+    """Every turn of every conversation against the server at `url` (its /v1 base). A turn refused with 429 is
+    sent again up to `max_retries` times; one not streamed in full within `request_timeout_s` of its first send
+    is abandoned."""
     # Idle connections are dropped before the server's keep-alive timeout (uvicorn's: 5 s) can close one
     # just as a request goes out on it, which fails that request with a ReadError.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
@@ -153,7 +171,8 @@ async def run_http(url: str, conversations: list[Conversation], priorities: str 
         with tqdm(total=sum(len(c.turns) for c in conversations), unit="req", disable=not progress) as bar:
             start = time.monotonic()
             await asyncio.gather(*(_converse(client, model, c, _priorities(priorities, levels, seed, n, len(c.turns)),
-                                             start, records, bar) for n, c in enumerate(conversations)))
+                                             start, records, bar, max_retries, request_timeout_s)
+                                   for n, c in enumerate(conversations)))
         return records, time.monotonic() - start
 
 
@@ -172,7 +191,7 @@ def _priorities(pattern: str, levels: int, seed: int, n: int, turns: int) -> lis
 
 
 async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, priorities: list[int | None], start: float,
-                    records: list[RequestRecord], bar: tqdm) -> None:
+                    records: list[RequestRecord], bar: tqdm, max_retries: int, timeout_s: float | None) -> None:
     await asyncio.sleep(max(0.0, start + c.arrival_s - time.monotonic()))
     replies: list[list[int]] = []
     for k, turn in enumerate(c.turns):
@@ -185,20 +204,61 @@ async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, prio
         if priorities[k] is not None:
             body["priority"] = priorities[k]
         sent = time.monotonic()
-        tokens, times, cached = await _stream(client, body)
-        if len(tokens) != turn.reply_len:
+        outcome, rejections, (tokens, times, cached) = await _reply(client, body, max_retries, timeout_s)
+        if outcome == "ok" and len(tokens) != turn.reply_len:
             raise RuntimeError(f"{c.id} turn {k}: asked for {turn.reply_len} tokens, got {len(tokens)} "
                                "(does the server return token ids with return_token_ids?)")
-        replies.append(tokens)
         records.append(RequestRecord(f"{c.id}:{k}", c.id, k, c.user, priorities[k], len(prompt), len(tokens), cached,
-                                     sent - start, times[0] - sent, [b - a for a, b in zip(times, times[1:])]))
+                                     sent - start, times[0] - sent if times else None, _gaps(times), outcome=outcome,
+                                     rejections=rejections))
+        if outcome != "ok":
+            bar.update(len(c.turns) - k)  # this turn and the later ones, which need its reply
+            return
+        replies.append(tokens)
         bar.update()
 
 
+class _Rejected(Exception):  # HTTP 429
+    def __init__(self, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+
+
+async def _reply(client: httpx.AsyncClient, body: dict, max_retries: int,
+                 timeout_s: float | None) -> tuple[str, int, tuple[list[int], list[float], int | None]]:
+    """The outcome, the 429s received and the streamed reply (empty unless served). The timeout runs from the
+    first send, so waiting out a Retry-After counts; on it the stream is closed, which aborts the request."""
+    rejections = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    return "ok", rejections, await _stream(client, body)
+                except _Rejected as rejected:
+                    rejections += 1
+                    if rejections > max_retries:
+                        return "rejected", rejections, ([], [], None)
+                    await asyncio.sleep(rejected.retry_after_s)
+    except TimeoutError:
+        return "timeout", rejections, ([], [], None)
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    """The seconds a 429's Retry-After asks for, at most 60; 1 when absent or not a number (an HTTP date)."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return 1.0
+    return min(seconds, 60.0) if seconds >= 0 else 1.0  # NaN and negatives as unparsable
+
+
 async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[int], list[float], int | None]:
-    """The streamed reply's token ids, the time each arrived, and the cached prompt tokens if reported."""
+    """The streamed reply's token ids, the time each arrived, and the cached prompt tokens if reported; raises
+    `_Rejected` on a 429."""
     tokens, times, cached = [], [], None
     async with client.stream("POST", "/completions", json=body) as response:
+        if response.status_code == 429:
+            await response.aread()  # the whole body read, the connection goes back to the pool
+            raise _Rejected(_retry_after_s(response))
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:300]}")
         async for line in response.aiter_lines():

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from fastswitch.config import CPU_KV_CACHE_BYTES, DTYPES, EngineConfig
+from fastswitch.engine.admission import Admission
 from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import make_policy
 from fastswitch.engine.scheduler import Scheduler
@@ -40,9 +41,11 @@ class EngineCore:
                             config.enable_prefix_caching, config.block_groups, config.kv_reuse, self.clock,
                             config.host_write_through, config.host_write_back)
         costs = CostModel(block_bytes=swapper.block_bytes, block_size=config.block_size)
+        bounds = config.shed_bounds()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode,
                                    make_policy(config, self.clock, costs), config.thrash_guard, eos_token_ids,
-                                   limits.max_model_len, self.clock, costs)
+                                   limits.max_model_len, self.clock, costs,
+                                   Admission(config.slo(), bounds) if bounds else None)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
@@ -113,10 +116,12 @@ class EngineCore:
         model_start = self.clock.now()
         model = self.executor.execute(step)  # also when nothing runs: it learns who finished
         model_time = self.clock.now() - model_start
+        refused = self.scheduler.take_refused()
         if not step.scheduled:
-            self.kv.wait_for_copies()  # nothing can run until a copy lands: wait rather than spin
-            return CoreOutputs(self.clock.now(), [])
-        outputs = self.scheduler.update_from_output(step, model)
+            if not refused:
+                self.kv.wait_for_copies()  # nothing can run until a copy lands: wait rather than spin
+            return CoreOutputs(self.clock.now(), refused)
+        outputs = refused + self.scheduler.update_from_output(step, model)
         self.swapper.start(self.kv.take_copies())  # write-backs of the requests that just finished
         self.scheduler.costs.observe_step(step.num_scheduled_tokens, model_time)
         self.stats.iterations += 1

@@ -25,10 +25,11 @@ class RequestOutput:
     new_token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
+    finish_reason: str | None  # "stop", "length", "abort", or "rejected" (shed past capacity: no token)
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     num_cached_tokens: int  # prompt tokens served from cached KV instead of prefill
     metrics: RequestMetrics
+    retry_after_s: float | None = None  # rejected: seconds after which a retry may find room
 
 
 class _RequestState:
@@ -42,6 +43,7 @@ class _RequestState:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
+        self.retry_after_s: float | None = None
         self.holdback = max(map(len, add.params.stop), default=1) - 1  # characters that might begin a stop string
         self.sent_text_len = 0  # text already reported, so streamed deltas never repeat or retract
         self.sent_token_count = 0
@@ -54,7 +56,8 @@ class _RequestState:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.text[:visible],
                              list(self.token_ids), new_text, new_tokens,
                              list(self.logprobs) if self.logprobs is not None else None, finished,
-                             self.finish_reason, self.stop_reason, self.num_cached_tokens, self.metrics)
+                             self.finish_reason, self.stop_reason, self.num_cached_tokens, self.metrics,
+                             self.retry_after_s)
 
 
 class OutputProcessor:
@@ -105,7 +108,7 @@ class OutputProcessor:
                 state.finish_reason, state.stop_reason, metrics.finish_time = "stop", stop, now
                 return True
         if out.finish_reason is not None:
-            state.finish_reason, state.stop_reason = out.finish_reason, out.stop_reason
+            state.finish_reason, state.stop_reason, state.retry_after_s = out.finish_reason, out.stop_reason, out.retry_after_s
             metrics.finish_time = core.finish_time if core is not None and core.finish_time is not None else now
         return False
 

@@ -9,7 +9,8 @@
   active users; the user with the smallest counter goes first. Unlike the original (admission only),
   it may preempt, but only a user behind by more than VTC_PREEMPT_MARGIN. Inside a user's share, the
   request's priority orders (and may preempt) that user's own requests.
-- `slo`: earliest deadline first against per-level latency targets, for goodput (see SLOPolicy).
+- `slo`: levels in order, then earliest deadline first against per-level latency targets, with bounded
+  pauses (see SLOPolicy); past capacity, admission control sheds the lower levels (`admission.py`).
 - `trace`: FastSwitch's evaluation: each request's priority is re-drawn every iteration with
   probability `update_freq`, from a seeded generator: `random` draws a new level uniformly, `markov`
   moves one level up or down.
@@ -25,9 +26,7 @@ from fastswitch.request import Request
 from fastswitch.slo import SLO
 
 POLICIES = ("fcfs", "priority", "vtc", "slo", "trace")
-PAUSE_LIMIT = 4.0  # slo: the longest pause in a stream, in TTFT targets of its level
-PREEMPT_HORIZON = 1.0  # slo: a request preempts within this many TTFT targets of its latest start
-LATE_DEMOTION = 1.0  # slo: how far back, in its level's TTFT targets, a request that cannot make its deadline ranks
+PAUSE_LIMIT = 1.0  # slo: the longest pause in a stream, in TTFT targets of its level
 VTC_PREEMPT_MARGIN = 64.0  # service units (32 output tokens at weight 2) a user must be behind to preempt
 TRACE_PATTERNS = ("random", "markov")
 
@@ -111,23 +110,26 @@ class VTCPolicy(Policy):
 
 
 class SLOPolicy(Policy):
-    """Earliest deadline first, by slack, for goodput. Every unfinished request has a deadline for its
-    next token. The first is due at arrival + its level's TTFT target (T). Token k after it is due on
-    the schedule that keeps the mean time between tokens within the level's TBT target (first token +
-    k TBT targets), but never later than the last token + PAUSE_LIMIT T: a stream ahead of schedule
-    has slack to yield, and a pause in it is bounded.
+    """Levels in order, then deadlines, against per-level latency targets. Every unfinished request has a
+    deadline for its next token. The first is due at arrival + its level's TTFT target (T). Token k
+    after it is due on the schedule that keeps the mean time between tokens within the level's TBT
+    target (first token + k TBT targets), but never later than the last token + PAUSE_LIMIT T: a stream
+    ahead of schedule has slack to yield, and a pause in it is bounded.
 
-    It ranks by the latest time it can start and still meet its deadline (the deadline less the
-    estimated time to its next token: copy-in, compute, a step; `CostModel`), so preemption, which
-    takes the lowest-ranked first, pauses the request with the most slack. A request takes a running
-    one's place only with at most PREEMPT_HORIZON T of slack left (a new arrival always has less; a
-    paused stream well ahead of schedule waits for memory to free up instead). A request that can no
-    longer meet its deadline ranks at the deadline + LATE_DEMOTION T instead (goodput): behind the
-    requests of its level already waiting that can still meet theirs, and it ages, outranking any
-    request due later than that. A rank is thus never later than arrival + (1 + LATE_DEMOTION) T for
-    a first token, the last token + (PAUSE_LIMIT + LATE_DEMOTION) T after, and a request is outranked
-    only by requests due before that, which bounds its wait under any overload. A request resumed
-    less than 1 / `max_preemptions_per_s` seconds ago is not preempted again (the thrash guard)."""
+    It ranks by level (lower first), so a request that can still meet its target is never delayed for a
+    lower level's; inside a level, by the latest time it can start and still meet its deadline (the
+    deadline less the estimated time to its next token: copy-in, compute, a step; `CostModel`), earliest
+    first. Preemption takes the lowest-ranked first: the worst level, and in it the most slack. Inside a
+    level, a stream whose next token is late goes first (its pause is over), and a first token that can
+    no longer be on time goes after those that can, oldest deadline first (goodput). A lower level gets
+    what the higher ones leave; past capacity, admission control (`engine/admission.py`) sheds what of
+    it cannot start in time, which bounds its wait.
+
+    A request takes the place of running ones ranked below it when it finds no room otherwise, but a
+    stream that has begun yields only to a higher level's request: a request of its own level waits for
+    room. A paused stream is thus back within PAUSE_LIMIT T (plus its copy-in and a step) of its last
+    token as long as higher levels leave it room. A request resumed less than 1 /
+    `max_preemptions_per_s` seconds ago is not preempted again (the thrash guard)."""
 
     name = "slo"
 
@@ -147,16 +149,21 @@ class SLOPolicy(Policy):
         on_schedule = request.first_token_time + request.num_output_tokens * self.slo.tbt(request.priority)
         return min(on_schedule, request.last_token_time + PAUSE_LIMIT * ttft)
 
+    def latest_start(self, request: Request) -> float:
+        return self.deadline(request) - self.costs.next_token_s(request)
+
     def key(self, request: Request) -> tuple:
-        deadline = self.deadline(request)
-        latest_start = deadline - self.costs.next_token_s(request)
-        if self.now <= latest_start:
-            return (latest_start, request.seq)
-        return (deadline + LATE_DEMOTION * self.slo.ttft(request.priority), request.seq)
+        latest_start = self.latest_start(request)
+        late = self.now > latest_start
+        if request.first_token_time is not None:  # a stream late for its next token goes first in its level
+            return (request.priority, -1 if late else 0, latest_start, request.seq)
+        if late:  # a first token that cannot be on time: behind its level's that can, oldest first
+            return (request.priority, 1, self.deadline(request), request.seq)
+        return (request.priority, 0, latest_start, request.seq)
 
     def preempts(self, request: Request, victim: Request) -> bool:
-        """Only a request with no more slack than a new arrival takes a running one's place."""
-        return self.key(request)[0] - self.now <= PREEMPT_HORIZON * self.slo.ttft(request.priority)
+        """A stream that has begun yields only to a higher level."""
+        return victim.first_token_time is None or victim.priority > request.priority
 
     def guarded(self, request: Request) -> bool:
         return self.now - request.resumed_at < self.min_resident_s

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fastswitch.engine.admission import Admission
 from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import Policy
 from fastswitch.interfaces import Clock, MonotonicClock
@@ -49,13 +50,14 @@ class _Plan:
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    started: int = 0  # requests without a first token admitted (admission control's rate)
 
 
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption_mode: str = "recompute", policy: Policy | None = None, thrash_guard: int = 0,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int = 1 << 62, clock: Clock | None = None,
-                 costs: CostModel | None = None):
+                 costs: CostModel | None = None, admission: Admission | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"invalid preemption_mode {preemption_mode!r}; choose from {', '.join(PREEMPTION_MODES)}")
         self.kv, self.preemption_mode, self.policy = kv, preemption_mode, policy or Policy()
@@ -63,6 +65,7 @@ class Scheduler:
         self.eos_token_ids, self.max_model_len = frozenset(eos_token_ids), max_model_len
         self.clock = clock or MonotonicClock()
         self.costs = costs or CostModel()
+        self.admission = admission
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -71,6 +74,7 @@ class Scheduler:
         self._seq = 0
         self._known_to_executor: set[str] = set()
         self._finished_ids: list[str] = []  # finished since the last step: the executor may forget them
+        self._refused: list[EngineCoreOutput] = []  # shed since the last update: their outputs go with it
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -100,6 +104,8 @@ class Scheduler:
         unfinished = self.unfinished()
         self.policy.on_iteration(unfinished)
         ranked = sorted(unfinished, key=self.policy.key)
+        if self.admission is not None:
+            ranked = self._shed(ranked)
         rank = {id(r): i for i, r in enumerate(ranked)}
         out, taken = _Plan(), set()
         self._budget = self.max_num_batched_tokens
@@ -131,7 +137,26 @@ class Scheduler:
                     blocked = True
                 elif admitted:  # 0 while its cached prefix is still being copied in from the host
                     self._run(request, admitted, out, taken)
+        if self.admission is not None:
+            self.admission.observe(self.clock.now(), out.started,
+                                   any(r.first_token_time is None for r in self.waiting))
         return self._output(out)
+
+    def _shed(self, ranked: list[Request]) -> list[Request]:
+        """Refuse what admission control says cannot start in time; the ranking without them."""
+        refused = self.admission.shed(ranked, self.clock.now())
+        for request, retry_after_s in refused:
+            request.finish_reason = "rejected"
+            self.finish(request)
+            self.kv.stats.rejected_requests += 1
+            self._refused.append(EngineCoreOutput(request.request_id, [], finish_reason="rejected",
+                                                  metrics=request.metrics, retry_after_s=retry_after_s))
+        return [r for r in ranked if r.status != Status.FINISHED] if refused else ranked
+
+    def take_refused(self) -> list[EngineCoreOutput]:
+        """The outputs of requests shed since the last call: finished, no token, a time to retry after."""
+        refused, self._refused = self._refused, []
+        return refused
 
     def _output(self, plan: _Plan) -> SchedulerOutput:
         now, new = self.clock.now(), []
@@ -201,6 +226,7 @@ class Scheduler:
             return None
         self.waiting.remove(request)
         self._start_running(request)
+        out.started += request.first_token_time is None
         reused, chunk = admitted[0]
         request.num_computed_tokens = reused
         return chunk

@@ -2,7 +2,8 @@
 endpoints (/health, /version, /metrics).
 
 Every client error is answered with OpenAI's error body and never disturbs other requests: bad
-input 400, missing or wrong API key 401, oversized body 413, full queue 429. A client that goes
+input 400, missing or wrong API key 401, oversized body 413, full queue or a request shed past
+capacity (admission control, `--shed`) 429 with `Retry-After`. A client that goes
 away mid-request has its request aborted, which frees its KV at once. The engine core runs in its
 own process (`core_client.py`); if it dies, streams in flight end with an error event, and until
 the server exits every request and /health get 503.
@@ -135,11 +136,22 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
             raise APIError(400, f"model {body.model!r} is not served here; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
         if engine.num_queued + len(prompts) > config.max_queue:
-            raise APIError(429, "the server's queue is full; retry later", code="queue_full", type="rate_limit_error")
+            metrics.rejected.labels(str(body.priority), "queue_full").inc()
+            raise APIError(429, "the server's queue is full; retry later", code="queue_full", type="rate_limit_error",
+                           headers={"Retry-After": "1"})
         request_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{secrets.token_hex(12)}"
         user = body.user or request.headers.get(USER_HEADER)
         streams = [engine.generate(p, params, f"{request_id}-{i}", body.priority, user) for i, p in enumerate(prompts)]
         firsts = await _start(streams)  # refused requests raise here, before anything is sent
+        shed = [out for out in firsts if out is not None and out.finish_reason == "rejected"]
+        if shed:
+            for stream in streams:
+                await stream.aclose()
+            metrics.rejected.labels(str(body.priority), "overloaded").inc()
+            retry = max(int(out.retry_after_s or 1) for out in shed)
+            raise APIError(429, f"the server is past capacity and this request (priority {body.priority}) cannot "
+                           f"start within its bound; retry after {retry} s", code="overloaded",
+                           type="rate_limit_error", headers={"Retry-After": str(retry)})
         tokenizer = engine.tokenizer
         if body.stream:
             chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
@@ -259,4 +271,4 @@ def _sse_line(payload: dict) -> bytes:
 
 
 def _error(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

@@ -80,6 +80,9 @@ class Metrics:
         self.attained = Counter("fastswitch:slo_attained", "Finished requests within their level's target, by kind "
                                 "(ttft: time to first token; tbt: mean time between tokens)", ["priority", "kind"],
                                 registry=self.registry)
+        self.rejected = Counter("fastswitch:requests_rejected", "Requests answered 429, by priority and reason "
+                                "(overloaded: shed by admission control; queue_full: over --max-queue)",
+                                ["priority", "reason"], registry=self.registry)
         self.missed = Counter("fastswitch:slo_missed", "Finished requests past their level's target, by kind",
                               ["priority", "kind"], registry=self.registry)
 
