@@ -53,8 +53,8 @@ class EngineConfig:
     kv_reuse: bool = _opt(True, "keep a resumed request's host copy, so its next swap-out copies only newer blocks, and "
                                 "reuse host-cached prefixes; off (an ablation): every swap-out copies everything")
     policy: str = _opt("fcfs", "who is served first: 'fcfs' (arrival), 'priority' (per request, lower first), "
-                               "'vtc' (per-user fair share), 'slo' (earliest deadline against the per-level "
-                               "targets, for goodput), 'trace' (priorities re-drawn as the run goes)",
+                               "'vtc' (per-user fair share), 'slo' (levels in order, then the earliest deadline "
+                               "against the per-level targets, with admission control past capacity), 'trace' (priorities re-drawn as the run goes)",
                        choices=["fcfs", "priority", "vtc", "slo", "trace"])
     preemption_mode: str = _opt("swap", "how a request is paused: 'swap' its KV to the host (recompute if the host is "
                                         "full), 'recompute' it later, or 'auto': whichever is cheaper, from the "
