@@ -14,6 +14,7 @@ from fastswitch.llm import LLM
 from fastswitch.model.config import ModelError
 from fastswitch.model.demo import ARCHS, SIZES, default_model_path, write_demo_model
 from fastswitch.sampling import SamplingParams
+from fastswitch.server.replicas import ROUTER_POLICIES
 
 CORE_DEATH_EXIT_DELAY_S = 2.0
 DEMO_PROMPTS = [
@@ -72,19 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server",
                                 description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
                                             "/v1/models) with /health, /version and Prometheus /metrics.")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--served-model-name", help="model name clients send (default: the model folder's name)")
-    serve.add_argument("--api-key", default=os.environ.get("FASTSWITCH_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $FASTSWITCH_API_KEY, else none)")
-    serve.add_argument("--max-queue", type=int, default=1024,
-                       help="requests waiting to start, beyond which new ones get HTTP 429 (default: 1024)")
-    serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
-                       help="request bodies larger than this get HTTP 413 (default: 1 MiB)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default: 30)")
-    EngineConfig.add_cli_args(serve)
+    _server_args(serve)
     serve.set_defaults(func=_serve)
+
+    replicas = commands.add_parser(
+        "replicas", help="run N servers behind a router (SMG)",
+        description="Start N 'fastswitch serve' replicas on the ports after --port, each with its own share of the "
+                    "machine (CPU cores, or a CUDA device) and the same engine options (KV budgets are per replica), "
+                    "then the SMG router on --port in front of them (pip install 'fastswitch[router]').")
+    replicas.add_argument("--num", type=int, default=2, help="replicas (default: 2)")
+    replicas.add_argument("--router", default="smg", choices=["smg"], help="the router (default: smg)")
+    replicas.add_argument("--router-policy", default="consistent_hashing", choices=list(ROUTER_POLICIES),
+                          help="how the router picks a replica; consistent_hashing keeps a routing key (the "
+                               "X-SMG-Routing-Key header) on one replica, so a conversation's history stays where its "
+                               "KV is (default: consistent_hashing)")
+    replicas.add_argument("--router-arg", action="append", default=[],
+                          help="an extra argument for the router, e.g. --router-arg=--log-level=info; repeatable")
+    _server_args(replicas)
+    replicas.set_defaults(func=_replicas)
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks; results go to stdout and files.")
     benches = bench.add_subparsers(required=True, metavar="BENCHMARK")
@@ -212,6 +218,36 @@ def _demo_model(args) -> int:
     return 0
 
 
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--served-model-name", help="model name clients send (default: the model folder's name)")
+    parser.add_argument("--api-key", default=os.environ.get("FASTSWITCH_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $FASTSWITCH_API_KEY, else none)")
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="requests waiting to start, beyond which new ones get HTTP 429 (default: 1024)")
+    parser.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                        help="request bodies larger than this get HTTP 413 (default: 1 MiB)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default: 30)")
+    EngineConfig.add_cli_args(parser)
+
+
+SERVER_ONLY = ("served_model_name", "api_key", "max_queue", "max_request_bytes", "shutdown_timeout")
+
+
+def _replicas(args) -> int:
+    from fastswitch.server import replicas
+
+    config = EngineConfig.from_cli_args(args)
+    serve_args = config.to_cli_args()
+    for name in SERVER_ONLY:
+        if getattr(args, name) is not None:
+            serve_args += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return replicas.run(config, serve_args, args.num, args.router_policy, args.host, args.port, args.router_arg,
+                        args.log_level)
+
+
 def _serve(args) -> int:
     import asyncio
 
@@ -224,6 +260,8 @@ def _serve(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     config = EngineConfig.from_cli_args(args)
+    if (cores := config.cpu_set()) is not None:
+        os.sched_setaffinity(0, cores)  # the API server too, and the engine core it starts (which sets its threads)
     engine = EngineCoreClient(config, args.log_level)  # returns once the core has loaded the model
     name = args.served_model_name or Path(config.model or default_model_path()).name
 

@@ -1,6 +1,7 @@
 """Engine options: one name each, the same as a Python keyword and (with dashes) on the command line."""
 
 import argparse
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
@@ -54,7 +55,8 @@ class EngineConfig:
                                 "reuse host-cached prefixes; off (an ablation): every swap-out copies everything")
     policy: str = _opt("fcfs", "who is served first: 'fcfs' (arrival), 'priority' (per request, lower first), "
                                "'vtc' (per-user fair share), 'slo' (levels in order, then the earliest deadline "
-                               "against the per-level targets, with admission control past capacity), 'trace' (priorities re-drawn as the run goes)",
+                               "against the per-level targets, with admission control past capacity), 'trace' "
+                               "(priorities re-drawn as the run goes)",
                        choices=["fcfs", "priority", "vtc", "slo", "trace"])
     preemption_mode: str = _opt("swap", "how a request is paused: 'swap' its KV to the host (recompute if the host is "
                                         "full), 'recompute' it later, or 'auto': whichever is cheaper, from the "
@@ -86,6 +88,9 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "keep finished requests' KV (device, then host) and reuse it for "
                                               "prompts that start with the same tokens")
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
+    cpu_cores: str | None = _opt(None, "CPU cores the engine runs on, e.g. '0-3' or '0,2,4-5': its process is pinned "
+                                       "to them and runs that many threads (replicas sharing a machine each take "
+                                       "their own); default: every core this process may use")
 
     def __post_init__(self):
         if self.dtype not in ("auto", *DTYPES):
@@ -116,9 +121,28 @@ class EngineConfig:
         self.user_weights()  # validates
         self.slo()
         self.shed_bounds()
+        self.cpu_set()
 
     def slo(self) -> SLO:
         return SLO.parse(self.slo_ttft, self.slo_tbt)
+
+    def cpu_set(self) -> list[int] | None:
+        """The cores of `cpu_cores`, checked against those this process may use (None: not pinned)."""
+        if self.cpu_cores is None:
+            return None
+        cores = set()
+        try:
+            for part in filter(None, str(self.cpu_cores).replace(" ", "").split(",")):
+                first, _, last = part.partition("-")
+                cores.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"invalid cpu_cores={self.cpu_cores!r}: core numbers and ranges, e.g. 0-3 or "
+                             "0,2,4-5") from None
+        allowed = os.sched_getaffinity(0)
+        if not cores or not cores <= allowed:
+            raise ValueError(f"invalid cpu_cores={self.cpu_cores!r}: this process may use cores "
+                             f"{format_cores(sorted(allowed))}")
+        return sorted(cores)
 
     def shed_bounds(self) -> dict[int, float]:
         """Admission control's bounds by level, in TTFT targets (empty: off)."""
@@ -152,6 +176,28 @@ class EngineConfig:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineConfig":
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def to_cli_args(self) -> list[str]:
+        """These options as command-line flags, for a `fastswitch serve` child process."""
+        args = []
+        for f in fields(self):
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else flag.replace("--", "--no-", 1))
+            elif value is not None:
+                args += [flag, str(value)]
+        return args
+
+
+def format_cores(cores: list[int]) -> str:
+    """`[0, 1, 2, 5]` as '0-2,5'."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 def _default_text(f) -> str:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -84,6 +85,40 @@ def test_priority_user_and_cached_tokens(client, server, prompts):
     metrics = server.metrics()
     assert metrics["fastswitch:time_to_first_token_seconds_count[('priority', '3')]"] >= 1
     assert metrics["fastswitch:time_to_first_token_seconds_count[('priority', '-1')]"] >= 1
+
+
+def test_what_routers_read_load_and_the_fairness_key_from_their_headers(llama_dir):
+    """vLLM's gauge names and /get_load for a router's load; the body's `user`, then our header, then the ones
+    SMG and vllm-router forward or key sessions on, as the fairness key (vtc's per-user service shows it)."""
+    s = Server(llama_dir, "--policy", "vtc")
+    try:
+        ask = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused").completions.create
+        ask(model="tiny", prompt="hi", max_tokens=2, user="body", extra_headers={"x-session-id": "ignored"})
+        order = ("x-fastswitch-user", "x-smg-routing-key", "x-session-id", "x-user-id")
+        for i in range(len(order)):  # each header with every later one: the first wins
+            ask(model="tiny", prompt="hi", max_tokens=2, extra_headers={h: f"{h}-{i}" for h in order[i:]})
+        metrics = s.metrics()
+        users = {k.split("'user', '")[1].removesuffix("')]") for k in metrics
+                 if k.startswith("fastswitch:vtc_user_service")}
+        assert users == {"body", *(f"{h}-{i}" for i, h in enumerate(order))}
+        assert httpx.get(f"{s.url}/get_load").json() == {"load": 0}
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+            assert metrics[f"vllm:{name}[('model_name', 'tiny')]"] == metrics[f"fastswitch:{name}"]
+    finally:
+        assert s.stop() == 0
+
+
+def test_cpu_cores_pin_the_server_and_its_engine_core(llama_dir):
+    core = min(os.sched_getaffinity(0))
+    s = Server(llama_dir, "--cpu-cores", str(core))
+    try:
+        for pid in (s.proc.pid, s.core_pid()):
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list")).split()[1] == str(core)
+        ok = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused")
+        assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        assert s.stop() == 0
 
 
 def test_logprobs(client):

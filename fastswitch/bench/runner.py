@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import httpx
 from tqdm import tqdm
@@ -225,21 +225,22 @@ class _Rejected(Exception):  # HTTP 429
 
 async def _reply(client: httpx.AsyncClient, body: dict, max_retries: int,
                  timeout_s: float | None) -> tuple[str, int, tuple[list[int], list[float], int | None]]:
-    """The outcome, the 429s received and the streamed reply (empty unless served). The timeout runs from the
-    first send, so waiting out a Retry-After counts; on it the stream is closed, which aborts the request."""
-    rejections = 0
+    """The outcome, the 429s received and the streamed reply (what had arrived, if it timed out). The timeout
+    runs from the first send, so waiting out a Retry-After counts; on it the stream is closed, which aborts the
+    request."""
+    rejections, tokens, times = 0, [], []
     try:
         async with asyncio.timeout(timeout_s):
             while True:
                 try:
-                    return "ok", rejections, await _stream(client, body)
+                    return "ok", rejections, (tokens, times, await _stream(client, body, tokens, times))
                 except _Rejected as rejected:
                     rejections += 1
                     if rejections > max_retries:
                         return "rejected", rejections, ([], [], None)
                     await asyncio.sleep(rejected.retry_after_s)
     except TimeoutError:
-        return "timeout", rejections, ([], [], None)
+        return "timeout", rejections, (tokens, times, None)
 
 
 def _retry_after_s(response: httpx.Response) -> float:
@@ -251,10 +252,10 @@ def _retry_after_s(response: httpx.Response) -> float:
     return min(seconds, 60.0) if seconds >= 0 else 1.0  # NaN and negatives as unparsable
 
 
-async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[int], list[float], int | None]:
-    """The streamed reply's token ids, the time each arrived, and the cached prompt tokens if reported; raises
-    `_Rejected` on a 429."""
-    tokens, times, cached = [], [], None
+async def _stream(client: httpx.AsyncClient, body: dict, tokens: list[int], times: list[float]) -> int | None:
+    """Append the streamed reply's token ids and the time each arrived, as they come; the cached prompt tokens if
+    reported. Raises `_Rejected` on a 429."""
+    cached = None
     async with client.stream("POST", "/completions", json=body) as response:
         if response.status_code == 429:
             await response.aread()  # the whole body read, the connection goes back to the pool
@@ -271,7 +272,7 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[int], lis
                 times += [now] * len(ids)  # a chunk with several tokens: they arrived together
             details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens", cached)
-    return tokens, times, cached
+    return cached
 
 
 async def _get_json(client: httpx.AsyncClient, path: str) -> dict:
@@ -299,7 +300,7 @@ def fastswitch_server(config: EngineConfig, startup_timeout_s: float = 600.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "fastswitch", "serve", "--port", str(port), *_cli_args(config)]
+    argv = [sys.executable, "-m", "fastswitch", "serve", "--port", str(port), *config.to_cli_args()]
     log.info("starting %s", " ".join(argv))
     server = subprocess.Popen(argv)
     url = f"http://127.0.0.1:{port}"
@@ -320,14 +321,3 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _cli_args(config: EngineConfig) -> list[str]:
-    args = []
-    for name, value in asdict(config).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else flag.replace("--", "--no-", 1))
-        elif value is not None:
-            args += [flag, str(value)]
-    return args

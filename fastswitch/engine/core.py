@@ -7,6 +7,7 @@ run it in theirs.
 """
 
 import logging
+import os
 
 import torch
 
@@ -50,6 +51,9 @@ class EngineCore:
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
         """The model runner and the swap manager on the configured device, with the KV pools sized."""
+        if (cores := config.cpu_set()) is not None:  # before any torch work, so every thread stays on them
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
         dummy = config.load_format == "dummy"
         model = ModelConfig.from_folder(config.model or default_model_path(), need_weights=not dummy)
         max_model_len = _max_model_len(config, model)

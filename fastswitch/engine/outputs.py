@@ -108,7 +108,8 @@ class OutputProcessor:
                 state.finish_reason, state.stop_reason, metrics.finish_time = "stop", stop, now
                 return True
         if out.finish_reason is not None:
-            state.finish_reason, state.stop_reason, state.retry_after_s = out.finish_reason, out.stop_reason, out.retry_after_s
+            state.finish_reason, state.stop_reason = out.finish_reason, out.stop_reason
+            state.retry_after_s = out.retry_after_s
             metrics.finish_time = core.finish_time if core is not None and core.finish_time is not None else now
         return False
 

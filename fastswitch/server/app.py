@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, and operations
-endpoints (/health, /version, /metrics).
+endpoints (/health, /version, /metrics, /get_load).
 
 Every client error is answered with OpenAI's error body and never disturbs other requests: bad
 input 400, missing or wrong API key 401, oversized body 413, full queue or a request shed past
@@ -40,7 +40,9 @@ from fastswitch.server.protocol import (
 )
 
 log = logging.getLogger("fastswitch.server")
-USER_HEADER = "x-fastswitch-user"  # the fairness key for gateways that cannot set the body's `user`
+# The fairness key when the body has no `user`, in this order: ours, then what routers forward or key
+# sessions on (SMG forwards x-smg-routing-key but not custom headers; vllm-router keys on the last two).
+USER_HEADERS = ("x-fastswitch-user", "x-smg-routing-key", "x-session-id", "x-user-id")
 
 
 @dataclass
@@ -84,7 +86,7 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
 
     app = FastAPI(title="FastSwitch", version=fastswitch.__version__, lifespan=lifespan)
     app.add_middleware(LimitsAndAuth, config=config)
-    metrics = Metrics(lambda: engine.snapshot, engine.config.slo())
+    metrics = Metrics(lambda: engine.snapshot, engine.config.slo(), config.model_name)
     app.state.engine, app.state.metrics = engine, metrics
 
 
@@ -111,6 +113,11 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
     @app.get("/version")
     async def version():
         return {"version": fastswitch.__version__}
+
+    @app.get("/get_load")
+    async def load():
+        """Requests accepted and not finished, as vllm-router's power-of-two policy reads it."""
+        return {"load": engine.num_in_flight}
 
     @app.get("/metrics")
     async def prometheus():
@@ -140,7 +147,7 @@ def build_app(engine: EngineCoreClient, config: ServerConfig, on_core_death=lamb
             raise APIError(429, "the server's queue is full; retry later", code="queue_full", type="rate_limit_error",
                            headers={"Retry-After": "1"})
         request_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{secrets.token_hex(12)}"
-        user = body.user or request.headers.get(USER_HEADER)
+        user = body.user or next((request.headers[h] for h in USER_HEADERS if request.headers.get(h)), None)
         streams = [engine.generate(p, params, f"{request_id}-{i}", body.priority, user) for i, p in enumerate(prompts)]
         firsts = await _start(streams)  # refused requests raise here, before anything is sent
         shed = [out for out in firsts if out is not None and out.finish_reason == "rejected"]

@@ -77,6 +77,11 @@ class EngineCoreClient:
         """Requests accepted that have no token yet."""
         return sum(not state.token_ids for state in self.outputs.states.values())
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests accepted that have not finished."""
+        return len(self.outputs.states)
+
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str, priority: int = 0,
                        user: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; raises ValueError (before any output) if it is refused."""

@@ -1,6 +1,8 @@
 """Prometheus metrics, `fastswitch:` names. Engine counters and gauges come from the latest snapshot
 the engine core published; latency histograms and SLO attainment (against the per-level targets of
-`--slo-ttft` / `--slo-tbt`) are observed here as requests finish."""
+`--slo-ttft` / `--slo-tbt`) are observed here as requests finish. The gauges routers read for load
+(SMG, the Gateway API Inference Extension) are exported under vLLM's names too, labelled
+`model_name` as vLLM labels them."""
 
 from collections.abc import Callable
 
@@ -34,16 +36,19 @@ COUNTERS = {  # EngineStats field -> (metric name, help)
 
 
 class EngineCollector:
-    def __init__(self, snapshot: Callable[[], Snapshot | None], prompt_tokens: dict[str, int]):
-        self.snapshot, self.prompt_tokens = snapshot, prompt_tokens
+    def __init__(self, snapshot: Callable[[], Snapshot | None], prompt_tokens: dict[str, int], model_name: str):
+        self.snapshot, self.prompt_tokens, self.model_name = snapshot, prompt_tokens, model_name
 
     def collect(self):
         snap = self.snapshot() or Snapshot(EngineStats(), 0, 0, 0, 0.0, 0.0, None)
         for name, value, help in (("num_requests_running", snap.running, "Requests holding device KV"),
                                   ("num_requests_waiting", snap.waiting, "Requests not started, or to recompute"),
-                                  ("num_requests_paused", snap.paused, "Requests paused on the host")):
+                                  ("kv_cache_usage_perc", snap.kv_usage, "Device KV blocks in use (0-1)")):
             yield GaugeMetricFamily(f"fastswitch:{name}", help, value=value)
-        yield GaugeMetricFamily("fastswitch:kv_cache_usage_perc", "Device KV blocks in use (0-1)", value=snap.kv_usage)
+            vllm = GaugeMetricFamily(f"vllm:{name}", help + " (vLLM's name, for routers)", labels=["model_name"])
+            vllm.add_metric([self.model_name], value)
+            yield vllm
+        yield GaugeMetricFamily("fastswitch:num_requests_paused", "Requests paused on the host", value=snap.paused)
         yield GaugeMetricFamily("fastswitch:host_kv_cache_usage_perc", "Host KV blocks in use (0-1)",
                                 value=snap.host_kv_usage)
         for field, (name, help) in COUNTERS.items():
@@ -63,10 +68,10 @@ class EngineCollector:
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], Snapshot | None], slo: SLO):
+    def __init__(self, snapshot: Callable[[], Snapshot | None], slo: SLO, model_name: str):
         self.registry, self.slo = CollectorRegistry(), slo
         self.prompt_tokens = {"total": 0}
-        self.registry.register(EngineCollector(snapshot, self.prompt_tokens))
+        self.registry.register(EngineCollector(snapshot, self.prompt_tokens, model_name))
         self.ttft = Histogram("fastswitch:time_to_first_token_seconds", "Time to first token", ["priority"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tbt = Histogram("fastswitch:time_between_tokens_seconds", "Time between tokens", ["priority"],
