@@ -27,7 +27,7 @@ SUMMARY_KEYS = {"ttft_p50", "ttft_p95", "ttft_p99", "ttft_p999", "tbt_p50", "tbt
                 "preemptions", "swap_out_blocks", "swap_out_bytes", "reuse_saved_blocks", "stall_s", "goodput_req_s",
                 "ttft_p99_by_priority", "slo_attainment_by_priority", "lowest_level_ttft_p99", "jain_index",
                 "served", "rejected", "timed_out", "rejections", "rejected_by_priority", "timed_out_by_priority",
-                "tbt_p99_by_priority", "tbt_p999_by_priority"}
+                "tbt_p99_by_priority", "tbt_p999_by_priority", "cached_prompt_share"}
 
 
 def record(i: int, ttft: float, tbt: list[float], user: str = "u", priority: int | None = None) -> RequestRecord:
@@ -43,6 +43,7 @@ def test_percentiles_goodput_and_fairness_on_known_data():
     records = [record(i, ttft=i / 1000, tbt=[0.01] * 9 + [i / 100], priority=i % 2) for i in range(1, 1001)]
     s = summarize(records, duration_s=100.0, counters={"preemptions": 7}, slo=SLO.parse("0.5", "0.05"))
     assert s["ttft_p50"] == pytest.approx(0.5005) and s["ttft_p99"] == pytest.approx(0.99001)
+    assert s["cached_prompt_share"] == 0.0  # no record reports a cached token
     assert s["ttft_p999"] == pytest.approx(0.999001) and s["ttft_p95"] == pytest.approx(0.95005)
     assert s["tbt_p50"] == pytest.approx(0.01)  # 9 of every 10 gaps
     assert s["tbt_p99"] == pytest.approx(sorted(g for r in records for g in r.tbt_s)[9900], rel=0.01)

@@ -44,7 +44,7 @@ TABLE = [  # (column, summary key, format)
     ("preemptions", "preemptions", "{:.0f}"), ("preemptions / request", "preemptions_per_request", "{:.2f}"),
     ("paused s / preemption", "paused_s_per_preemption", "{:.2f}"), ("swap-out blocks", "swap_out_blocks", "{:.0f}"),
     ("swap-out MB", "swap_out_bytes", "{:.1f}"), ("reuse-saved blocks", "reuse_saved_blocks", "{:.0f}"),
-    ("stall s", "stall_s", "{:.2f}"),
+    ("stall s", "stall_s", "{:.2f}"), ("cached prompt share", "cached_prompt_share", "{:.1%}"),
 ]
 
 
@@ -62,6 +62,9 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
                "duration_s": duration_s, "output_tokens": output_tokens,
                "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else None}
     summary |= {f"ttft_{name}": percentile([r.ttft_s for r in served], q) for name, q in PERCENTILES.items()}
+    known = [r for r in served if r.cached_tokens is not None]
+    prompts = sum(r.prompt_tokens for r in known)
+    summary["cached_prompt_share"] = sum(r.cached_tokens for r in known) / prompts if prompts else None
     summary |= {f"tbt_{name}": percentile(tbt, q) for name, q in PERCENTILES.items() if name != "p95"}
     slo = slo or SLO.parse()
     met = [r for r in records if _meets(r, slo)]

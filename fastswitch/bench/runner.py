@@ -14,7 +14,9 @@ or down from the conversation's previous turn).
 A request the server refuses with HTTP 429 is sent again once its `Retry-After` has passed, at most
 `max_retries` times, as the OpenAI Python SDK does (offline, a shed request is not retried); one
 refused after that, or not finished within the client's timeout, is recorded as not served, and its
-conversation ends there: the user gives up, since later turns need its reply.
+conversation ends there: the user gives up, since later turns need its reply. Every request carries
+its conversation's id as `X-SMG-Routing-Key`, the key a router's consistent hashing keeps on one
+replica (SMG's; FastSwitch and vLLM ignore it when the body names the user).
 """
 
 import asyncio
@@ -204,7 +206,8 @@ async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, prio
         if priorities[k] is not None:
             body["priority"] = priorities[k]
         sent = time.monotonic()
-        outcome, rejections, (tokens, times, cached) = await _reply(client, body, max_retries, timeout_s)
+        outcome, rejections, (tokens, times, cached) = await _reply(client, body, {"x-smg-routing-key": c.id},
+                                                                    max_retries, timeout_s)
         if outcome == "ok" and len(tokens) != turn.reply_len:
             raise RuntimeError(f"{c.id} turn {k}: asked for {turn.reply_len} tokens, got {len(tokens)} "
                                "(does the server return token ids with return_token_ids?)")
@@ -223,7 +226,7 @@ class _Rejected(Exception):  # HTTP 429
         self.retry_after_s = retry_after_s
 
 
-async def _reply(client: httpx.AsyncClient, body: dict, max_retries: int,
+async def _reply(client: httpx.AsyncClient, body: dict, headers: dict[str, str], max_retries: int,
                  timeout_s: float | None) -> tuple[str, int, tuple[list[int], list[float], int | None]]:
     """The outcome, the 429s received and the streamed reply (what had arrived, if it timed out). The timeout
     runs from the first send, so waiting out a Retry-After counts; on it the stream is closed, which aborts the
@@ -233,7 +236,7 @@ async def _reply(client: httpx.AsyncClient, body: dict, max_retries: int,
         async with asyncio.timeout(timeout_s):
             while True:
                 try:
-                    return "ok", rejections, (tokens, times, await _stream(client, body, tokens, times))
+                    return "ok", rejections, (tokens, times, await _stream(client, body, headers, tokens, times))
                 except _Rejected as rejected:
                     rejections += 1
                     if rejections > max_retries:
@@ -252,11 +255,12 @@ def _retry_after_s(response: httpx.Response) -> float:
     return min(seconds, 60.0) if seconds >= 0 else 1.0  # NaN and negatives as unparsable
 
 
-async def _stream(client: httpx.AsyncClient, body: dict, tokens: list[int], times: list[float]) -> int | None:
+async def _stream(client: httpx.AsyncClient, body: dict, headers: dict[str, str], tokens: list[int],
+                  times: list[float]) -> int | None:
     """Append the streamed reply's token ids and the time each arrived, as they come; the cached prompt tokens if
     reported. Raises `_Rejected` on a 429."""
     cached = None
-    async with client.stream("POST", "/completions", json=body) as response:
+    async with client.stream("POST", "/completions", json=body, headers=headers) as response:
         if response.status_code == 429:
             await response.aread()  # the whole body read, the connection goes back to the pool
             raise _Rejected(_retry_after_s(response))
