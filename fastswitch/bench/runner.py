@@ -286,10 +286,12 @@ async def _get_json(client: httpx.AsyncClient, path: str) -> dict:
 
 
 def server_counters(url: str) -> dict[str, float | None]:
-    """The counters a server's Prometheus /metrics exposes (None for those it does not)."""
+    """The counters a server's Prometheus /metrics exposes (None for those it does not, all None without /metrics)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     response = httpx.get(url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30)
+    if response.status_code == 404:  # a router in front of the servers (SMG serves its metrics elsewhere)
+        return {key: None for key in COUNTERS}
     response.raise_for_status()
     values: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(response.text):
