@@ -3,7 +3,8 @@
 # router policy, `fastswitch replicas --num 2` (each replica half of KV_BYTES and half of the cores),
 # then `fastswitch bench run --url` through the router; then one `fastswitch serve` with all of
 # KV_BYTES and every core; then `fastswitch bench compare` (the cached prompt share is the history
-# hit). Needs the router: pip install -e '.[router]'.
+# hit). Prompts go as text (--text-prompts: SMG takes no token-id prompts), to all four alike.
+# Needs the router: pip install -e '.[router]'.
 #
 #   benchmarks/replicas.sh MODEL_DIR KV_BYTES OUT_DIR [bench run options...]
 #
@@ -23,11 +24,11 @@ for policy in ${POLICIES:-consistent_hashing round_robin cache_aware}; do
         sleep 1
     done
     python -m fastswitch bench run --mode http --url "http://127.0.0.1:$port/v1" --label "2 replicas, $policy" \
-        --model "$model" --out "$out/$policy" "$@"
+        --model "$model" --out "$out/$policy" --text-prompts "$@"
     kill $pid && wait $pid || true
     trap - EXIT
     runs+=("$out/$policy")
 done
 python -m fastswitch bench run --mode http --preset fastswitch --label "1 replica" --model "$model" \
-    --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" --out "$out/one" "$@"
+    --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" --out "$out/one" --text-prompts "$@"
 python -m fastswitch bench compare "$out/one" "${runs[@]}" --out "$out"

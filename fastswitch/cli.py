@@ -138,6 +138,9 @@ def _bench_run_parser(benches) -> None:
     run.add_argument("--request-timeout", type=float, metavar="SECONDS",
                      help="http mode: a turn not streamed in full this long after its first send is abandoned and "
                           "its conversation ends (default: none)")
+    run.add_argument("--text-prompts", action="store_true",
+                     help="http mode: send each prompt as text (the model's tokenizer decodes the history), for "
+                          "routers that take no token-id prompts, such as SMG")
     run.add_argument("--max-retries", type=int, default=2,
                      help="http mode: times a turn refused with HTTP 429 is sent again once its Retry-After has "
                           "passed, as the OpenAI SDK does; then its conversation ends (default: 2)")
@@ -301,6 +304,7 @@ def _bench_run(args) -> int:
     from fastswitch.bench import runner
     from fastswitch.engine.engine import Engine
     from fastswitch.model.config import ModelConfig
+    from fastswitch.model.tokenizer import Tokenizer
 
     if args.url and args.mode != "http":
         raise ValueError("--url needs --mode http")
@@ -318,9 +322,10 @@ def _bench_run(args) -> int:
     else:
         with contextlib.nullcontext(args.url) if args.url else runner.fastswitch_server(config) as url:
             before = runner.server_counters(url)
+            text = Tokenizer(path) if args.text_prompts else None
             records, duration = asyncio.run(runner.run_http(url, conversations, args.priorities, config.trace_levels,
                                                             args.workload_seed, args.progress, args.request_timeout,
-                                                            args.max_retries))
+                                                            args.max_retries, text))
             after = runner.server_counters(url)
         counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
     _write_results(args, label, config, records, duration, counters,

@@ -104,11 +104,13 @@ def scripted_server(refusals: int, retry_after: str | None = "1", token_gap_s: f
     """A real OpenAI-style HTTP server in a thread: it answers its first `refusals` completions with 429 (with
     `Retry-After`, unless None), then streams each a token id per `token_gap_s`. It notes when each request
     arrived (`sends`) and when a client closed a stream before its end (`aborted`), on time.monotonic."""
-    state = SimpleNamespace(sends=[], aborted=[])
+    state = SimpleNamespace(sends=[], aborted=[], prompts=[], keys=[])
 
     async def completions(request):
         body = await request.json()
         state.sends.append(time.monotonic())
+        state.prompts.append(body["prompt"])
+        state.keys.append(request.headers.get("x-smg-routing-key"))
         if len(state.sends) <= refusals:
             error = {"message": "overloaded", "type": "rate_limit_error", "param": None, "code": "overloaded"}
             return JSONResponse({"error": error}, 429, {"Retry-After": retry_after} if retry_after else None)
@@ -177,6 +179,20 @@ def test_http_client_abandons_a_turn_past_its_timeout_and_closes_the_stream():
     assert served.outcome == "ok" and len(server.sends) == 2  # the abandoned conversation's second turn never sent
     assert len(server.aborted) == 1 and server.aborted[0] < server.sends[1], "the stream was not closed at the timeout"
     assert duration < 2.0  # 20 tokens would take 4 s
+
+
+def test_http_client_sends_text_prompts_for_routers_and_keys_each_conversation():
+    from fastswitch.model.demo import default_model_path
+    from fastswitch.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(default_model_path())
+    c = conversation(turns=2, reply_len=3)
+    with scripted_server(refusals=0) as server:
+        asyncio.run(run_http(server.url, [c], progress=False, text=tokenizer))
+    first, second = server.prompts
+    assert first == tokenizer.decode(c.turns[0].user_tokens)  # the history as text, not token ids
+    assert second.startswith(first) and len(second) > len(first)  # the next turn continues it
+    assert server.keys == [c.id, c.id]
 
 
 def test_every_preset_is_a_valid_engine_configuration():

@@ -39,6 +39,7 @@ from fastswitch.bench.workload import Conversation, history_prompt
 from fastswitch.config import EngineConfig
 from fastswitch.engine.engine import Engine
 from fastswitch.engine.outputs import RequestOutput
+from fastswitch.model.tokenizer import Tokenizer
 from fastswitch.sampling import SamplingParams
 from fastswitch.stats import EngineStats
 
@@ -160,10 +161,10 @@ def _gaps(times: list[float]) -> list[float]:
 
 async def run_http(url: str, conversations: list[Conversation], priorities: str = "none", levels: int = 4,
                    seed: int = 0, progress: bool = True, request_timeout_s: float | None = None,
-                   max_retries: int = 2) -> tuple[list[RequestRecord], float]:
+                   max_retries: int = 2, text: Tokenizer | None = None) -> tuple[list[RequestRecord], float]:
     """Every turn of every conversation against the server at `url` (its /v1 base). A turn refused with 429 is
     sent again up to `max_retries` times; one not streamed in full within `request_timeout_s` of its first send
-    is abandoned."""
+    is abandoned. With `text`, a tokenizer, prompts go as the text it decodes the history to."""
     # Idle connections are dropped before the server's keep-alive timeout (uvicorn's: 5 s) can close one
     # just as a request goes out on it, which fails that request with a ReadError.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
@@ -173,7 +174,7 @@ async def run_http(url: str, conversations: list[Conversation], priorities: str 
         with tqdm(total=sum(len(c.turns) for c in conversations), unit="req", disable=not progress) as bar:
             start = time.monotonic()
             await asyncio.gather(*(_converse(client, model, c, _priorities(priorities, levels, seed, n, len(c.turns)),
-                                             start, records, bar, max_retries, request_timeout_s)
+                                             start, records, bar, max_retries, request_timeout_s, text)
                                    for n, c in enumerate(conversations)))
         return records, time.monotonic() - start
 
@@ -193,14 +194,15 @@ def _priorities(pattern: str, levels: int, seed: int, n: int, turns: int) -> lis
 
 
 async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, priorities: list[int | None], start: float,
-                    records: list[RequestRecord], bar: tqdm, max_retries: int, timeout_s: float | None) -> None:
+                    records: list[RequestRecord], bar: tqdm, max_retries: int, timeout_s: float | None,
+                    text: Tokenizer | None) -> None:
     await asyncio.sleep(max(0.0, start + c.arrival_s - time.monotonic()))
     replies: list[list[int]] = []
     for k, turn in enumerate(c.turns):
         if k:
             await asyncio.sleep(turn.think_s)
         prompt = history_prompt(c, k, replies)
-        body = {"model": model, "prompt": prompt, "max_tokens": turn.reply_len, "ignore_eos": True,
+        body = {"model": model, "prompt": text.decode(prompt) if text else prompt, "max_tokens": turn.reply_len, "ignore_eos": True,
                 "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
                 "return_token_ids": True, "user": c.user}
         if priorities[k] is not None:
