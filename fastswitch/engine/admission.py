@@ -32,6 +32,7 @@ class Admission:
         self.slo = slo
         self.levels, self.bounds = sorted(bounds), [bounds[level] for level in sorted(bounds)]
         self.backlog: deque[tuple[float, float, int]] = deque()  # (time, seconds of backlog, requests started)
+        self.backlog_s, self.started = 0.0, 0  # their sums, over the window
         self.last_time: float | None = None
         self.was_backlogged = False
 
@@ -42,9 +43,9 @@ class Admission:
 
     def start_rate(self) -> float | None:
         """Requests started per second of backlog, once there is enough backlog to tell."""
-        seconds = sum(s for _, s, _ in self.backlog)
-        starts = sum(n for _, _, n in self.backlog)
-        return starts / seconds if seconds >= MIN_EVIDENCE_S and starts else None
+        if self.backlog_s < MIN_EVIDENCE_S or not self.started:
+            return None
+        return self.started / self.backlog_s
 
     def shed(self, ranked: list[Request], now: float) -> list[tuple[Request, float]]:
         """The requests to refuse now, each with the seconds after which a retry may find room."""
@@ -53,10 +54,9 @@ class Admission:
             if request.status == Status.RUNNING or request.first_token_time is not None:
                 continue
             bound = self.bound_s(request.priority)
-            start = now + (ahead + 1) / rate if rate else now
+            wait = (ahead + 1) / rate if rate else 0.0  # until it could start
             worse = shed_from is not None and request.priority > shed_from  # the lowest level goes first
-            if bound is not None and (worse or start > request.metrics.arrival_time + bound):
-                wait = (ahead + 1) / rate if rate else 1.0
+            if bound is not None and (worse or now + wait > request.metrics.arrival_time + bound):
                 refused.append((request, float(min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait))))))
                 shed_from = request.priority if shed_from is None else min(shed_from, request.priority)
             else:
@@ -67,6 +67,8 @@ class Admission:
         """After an iteration's plan: how many requests it started, and whether any is left waiting."""
         if self.last_time is not None and self.was_backlogged:
             self.backlog.append((now, now - self.last_time, started))
+            self.backlog_s, self.started = self.backlog_s + now - self.last_time, self.started + started
         while self.backlog and self.backlog[0][0] < now - WINDOW_S:
-            self.backlog.popleft()
+            _, seconds, starts = self.backlog.popleft()
+            self.backlog_s, self.started = self.backlog_s - seconds, self.started - starts
         self.last_time, self.was_backlogged = now, backlogged

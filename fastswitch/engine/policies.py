@@ -149,16 +149,14 @@ class SLOPolicy(Policy):
         on_schedule = request.first_token_time + request.num_output_tokens * self.slo.tbt(request.priority)
         return min(on_schedule, request.last_token_time + PAUSE_LIMIT * ttft)
 
-    def latest_start(self, request: Request) -> float:
-        return self.deadline(request) - self.costs.next_token_s(request)
-
     def key(self, request: Request) -> tuple:
-        latest_start = self.latest_start(request)
+        deadline = self.deadline(request)
+        latest_start = deadline - self.costs.next_token_s(request)
         late = self.now > latest_start
         if request.first_token_time is not None:  # a stream late for its next token goes first in its level
             return (request.priority, -1 if late else 0, latest_start, request.seq)
         if late:  # a first token that cannot be on time: behind its level's that can, oldest first
-            return (request.priority, 1, self.deadline(request), request.seq)
+            return (request.priority, 1, deadline, request.seq)
         return (request.priority, 0, latest_start, request.seq)
 
     def preempts(self, request: Request, victim: Request) -> bool:
