@@ -43,7 +43,7 @@ def decode_step_s(eng: Engine, context: int, rng: random.Random) -> float:
     ids = [eng.add_request([rng.randrange(3, 4000) for _ in range(context - 1)], params) for _ in range(BATCH)]
     times = []
     while len(times) < DECODE_STEPS:
-        decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in eng.requests.values())
+        decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in eng.core.scheduler.requests.values())
         start = time.perf_counter()
         eng.step()
         if decoding:
@@ -62,9 +62,10 @@ def prefill_s(eng: Engine, length: int, rng: random.Random) -> float:
 
 
 def decode_floor_s(eng: Engine, context: int, bandwidth: float) -> float:
-    weights = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
-    cfg = eng.model_config
-    kv = BATCH * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * eng.dtype.itemsize
+    runner = eng.core.executor.runner
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    cfg = runner.cfg
+    kv = BATCH * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.dtype.itemsize
     return (weights + kv) / bandwidth
 
 
@@ -86,7 +87,7 @@ def main() -> None:
             for backend in args.backends.split(","):
                 eng = engine(model_path(shape), dtype, backend, max(max(contexts), args.prefill_len))
                 rng = random.Random(0)
-                row = dict(shape=shape, dtype=dtype, backend=eng.runner.attention.name, decode_ms={}, floor_ms={})
+                row = dict(shape=shape, dtype=dtype, backend=eng.core.executor.runner.attention.name, decode_ms={}, floor_ms={})
                 for context in contexts:
                     log.info("%s %s %s: decode at batch %d, context %d", shape, dtype, backend, BATCH, context)
                     row["decode_ms"][context] = 1000 * decode_step_s(eng, context, rng)

@@ -4,11 +4,9 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
-import torch
-
 from fastswitch.slo import DEFAULT_SHED, DEFAULT_TBT, DEFAULT_TTFT, SLO, parse_shed_bounds
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -87,6 +85,10 @@ class EngineConfig:
                                        "blocks the host tier lacks there, for later turns and resumes")
     enable_prefix_caching: bool = _opt(True, "keep finished requests' KV (device, then host) and reuse it for "
                                               "prompts that start with the same tokens")
+    tensor_parallel_size: int = _opt(1, "split the model over this many ranks (processes started by the engine, "
+                                        "over torch.distributed: gloo on CPU, each rank on its share of the cores; "
+                                        "NCCL on CUDA, one GPU each): attention heads, MLP columns, vocabulary and "
+                                        "KV heads (replicated when fewer than the ranks) are sharded")
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
     cpu_cores: str | None = _opt(None, "CPU cores the engine runs on, e.g. '0-3' or '0,2,4-5': its process is pinned "
                                        "to them and runs that many threads (replicas sharing a machine each take "
@@ -95,16 +97,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"invalid dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"invalid device {self.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' asked for, but CUDA is not available")
+        self._check_device()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-                     "kv_cache_memory_bytes"):
+                     "kv_cache_memory_bytes", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
@@ -122,27 +117,47 @@ class EngineConfig:
         self.slo()
         self.shed_bounds()
         self.cpu_set()
+        self._check_ranks()
+
+    def _check_device(self) -> None:
+        import torch  # here, not at the top: the engine core and the scheduler read the config without torch
+
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"invalid device {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but CUDA is not available")
+
+    def _check_ranks(self) -> None:
+        if self.tensor_parallel_size == 1:
+            return
+        if not self.device.startswith("cuda"):
+            self.rank_cores()
+            return
+        import torch
+
+        if self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs a GPU per rank; "
+                             f"{torch.cuda.device_count()} are visible")
+
+    def rank_cores(self) -> list[list[int]]:
+        """CPU: each tensor-parallel rank's share of the cores (`cpu_cores`, else every core this process may use)."""
+        cores = self.cpu_set() or sorted(os.sched_getaffinity(0))
+        size = self.tensor_parallel_size
+        if size > len(cores):
+            raise ValueError(f"tensor_parallel_size={size} needs a CPU core per rank; {len(cores)} available")
+        share = len(cores) // size
+        return [cores[r * share : (r + 1) * share] for r in range(size)]
 
     def slo(self) -> SLO:
         return SLO.parse(self.slo_ttft, self.slo_tbt)
 
     def cpu_set(self) -> list[int] | None:
         """The cores of `cpu_cores`, checked against those this process may use (None: not pinned)."""
-        if self.cpu_cores is None:
-            return None
-        cores = set()
-        try:
-            for part in filter(None, str(self.cpu_cores).replace(" ", "").split(",")):
-                first, _, last = part.partition("-")
-                cores.update(range(int(first), int(last or first) + 1))
-        except ValueError:
-            raise ValueError(f"invalid cpu_cores={self.cpu_cores!r}: core numbers and ranges, e.g. 0-3 or "
-                             "0,2,4-5") from None
-        allowed = os.sched_getaffinity(0)
-        if not cores or not cores <= allowed:
-            raise ValueError(f"invalid cpu_cores={self.cpu_cores!r}: this process may use cores "
-                             f"{format_cores(sorted(allowed))}")
-        return sorted(cores)
+        return None if self.cpu_cores is None else parse_cores(str(self.cpu_cores))
 
     def shed_bounds(self) -> dict[int, float]:
         """Admission control's bounds by level, in TTFT targets (empty: off)."""
@@ -187,6 +202,21 @@ class EngineConfig:
             elif value is not None:
                 args += [flag, str(value)]
         return args
+
+
+def parse_cores(text: str) -> list[int]:
+    """'0-2,5' as [0, 1, 2, 5], checked against the cores this process may use."""
+    cores = set()
+    try:
+        for part in filter(None, text.replace(" ", "").split(",")):
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"invalid cpu_cores={text!r}: core numbers and ranges, e.g. 0-3 or 0,2,4-5") from None
+    allowed = os.sched_getaffinity(0)
+    if not cores or not cores <= allowed:
+        raise ValueError(f"invalid cpu_cores={text!r}: this process may use cores {format_cores(sorted(allowed))}")
+    return sorted(cores)
 
 
 def format_cores(cores: list[int]) -> str:

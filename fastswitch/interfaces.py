@@ -1,10 +1,10 @@
-"""The parts an engine core is given rather than builds: what runs the model, what copies KV, what
+"""The parts an engine core is given rather than builds: what runs the model and copies KV, and what
 tells the time. Torch-free, so a simulated executor and clock can stand in for the real ones."""
 
 import time
 from typing import Protocol
 
-from fastswitch.messages import Copy, ModelOutput, SchedulerOutput
+from fastswitch.messages import ExecutorSpec, ModelOutput, SchedulerOutput
 
 
 class Clock(Protocol):
@@ -23,13 +23,12 @@ class MonotonicClock:
         time.sleep(max(0.0, seconds))
 
 
-class Executor(Protocol):
-    def execute(self, step: SchedulerOutput) -> ModelOutput:
-        """Run the step's forward (its copies have been started) and sample."""
+class ExecutorDied(RuntimeError):
+    """The executor cannot go on (a tensor-parallel rank died or failed): the engine must stop."""
 
 
 class CopyEngine(Protocol):
-    """Carries out the KV manager's copy plans and says when they are done."""
+    """Carries out the KV manager's copy plans (handed over in each step message)."""
 
     mode: str  # "fastswitch" or "baseline"
     block_bytes: int
@@ -37,13 +36,17 @@ class CopyEngine(Protocol):
     def synchronous(self, num_blocks: int) -> bool:
         """Whether a copy of this size is made on the compute path (so the plan may count it done)."""
 
-    def start(self, copies: list[Copy]) -> None:
-        """Issue copies in order; a fenced one completes before anything issued after it."""
-
-    def done(self, copy_id: int) -> bool:
-        """Never blocks."""
-
     def wait(self, copy_id: int) -> None:
         """Block until the copy is done, counting the time as stall."""
+
+
+class Executor(CopyEngine, Protocol):
+    """Owns the device: the model, the KV pools of both tiers and the copy engine between them."""
+
+    spec: ExecutorSpec
+
+    def execute(self, step: SchedulerOutput) -> ModelOutput:
+        """Start the step's copies in order, then run its forward and sample; the output names the asynchronous
+        copies seen done since the last step."""
 
     def close(self) -> None: ...

@@ -1,8 +1,8 @@
 """The plain-data messages at the engine's seams: msgspec structs, cheap to encode and typed on decode.
 
-- scheduler -> executor, once per step: `SchedulerOutput` (what to compute, the KV copies to make);
-  executor -> scheduler: `ModelOutput` (the sampled tokens). This is what a tensor-parallel worker
-  or a simulated executor receives and returns.
+- scheduler -> executor, once per step: `SchedulerOutput` (what to compute, block-table changes, the
+  KV copies to make); executor -> scheduler: `ModelOutput` (the sampled tokens, the copies done).
+  This is what every tensor-parallel rank, or a simulated executor, receives and returns.
 - frontend -> engine core: `AddRequest`, `Abort`, `Shutdown`; core -> frontend: `Ready` (or
   `Failed`) once, then one `CoreOutputs` per step: per-request deltas (new token ids, finish),
   never cumulative text or token lists, and now and then a `Snapshot` of counters for /metrics.
@@ -33,7 +33,8 @@ class ScheduledRequest(msgspec.Struct, array_like=True):
     request_id: str
     num_computed_tokens: int  # KV already in the pool; this step computes the next num_new_tokens
     num_new_tokens: int
-    block_ids: list[int]  # its device block table, in token order
+    block_ids: list[int]  # its device block table's blocks added since the executor last saw it, in token order
+    new_table: bool  # the table starts over with block_ids (first run, resumed, trimmed) rather than growing
 
 
 class Copy(msgspec.Struct, array_like=True):
@@ -59,11 +60,13 @@ class SchedulerOutput(msgspec.Struct):
 
 
 class ModelOutput(msgspec.Struct, array_like=True):
-    """One sampled token per request whose chunk reached its last token."""
+    """One sampled token per request whose chunk reached its last token, and the asynchronous copies seen
+    done since the last step (as vLLM V1 reports finished KV transfers in its step output)."""
 
     request_ids: list[str]
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
+    finished_copies: list[int] = []
 
 
 # -- frontend <-> engine core ----------------------------------------------------------------------
@@ -93,6 +96,16 @@ class Limits(msgspec.Struct):
     vocab_size: int
     num_kv_blocks: int
     block_size: int
+
+
+class ExecutorSpec(msgspec.Struct):
+    """What the executor serves, once its KV pools exist: what the engine core is built around."""
+
+    limits: Limits
+    num_host_blocks: int
+    block_bytes: int  # one device block (one rank's shard of it, with tensor parallelism)
+    eos_token_ids: list[int]
+    description: str  # for the log: model, dtype, device, attention, KV blocks
 
 
 class Ready(msgspec.Struct, tag=True):

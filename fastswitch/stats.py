@@ -27,6 +27,17 @@ class EngineStats:
     recompute_fallbacks: int = 0  # swap preemptions turned into recomputation because the host was full
     stall_s: float = 0.0  # time the compute path waited on copies
 
+    def count_copy(self, kind: str, blocks: int, block_bytes: int, operations: int) -> None:
+        self.copies += operations
+        if kind == "writeback":
+            self.writeback_blocks += blocks
+        elif kind == "out":
+            self.swap_out_blocks += blocks
+            self.swap_out_bytes += blocks * block_bytes
+        else:
+            self.swap_in_blocks += blocks
+            self.swap_in_bytes += blocks * block_bytes
+
     @property
     def preemptions(self) -> int:
         return self.swap_preemptions + self.recompute_preemptions

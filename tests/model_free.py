@@ -23,13 +23,13 @@ def policy_named(name: str, clock: StepClock, costs: CostModel | None = None, **
 
 
 def execute(scheduler: Scheduler, out: SchedulerOutput) -> list[EngineCoreOutput]:
-    """Start the step's copies, sample token 1 wherever a chunk reaches its request's end, and hand the
-    tokens back to the scheduler's update, which does the rest."""
-    if scheduler.kv.swapper is not None:
-        scheduler.kv.swapper.start(out.copies)
+    """What an executor does with the step: start its copies, sample token 1 wherever a chunk reaches its
+    request's end; then hand the tokens and the copies done back, as the engine core does."""
+    swapper = scheduler.kv.swapper
+    if swapper is not None:
+        swapper.start(out.copies)
     samplers = [s.request_id for s in out.scheduled
                 if s.num_computed_tokens + s.num_new_tokens == scheduler.requests[s.request_id].num_tokens]
-    outputs = scheduler.update_from_output(out, ModelOutput(samplers, [1] * len(samplers), [None] * len(samplers)))
-    if scheduler.kv.swapper is not None:
-        scheduler.kv.swapper.start(scheduler.kv.take_copies())
-    return outputs
+    if swapper is not None:
+        scheduler.kv.landed(swapper.finished())
+    return scheduler.update_from_output(out, ModelOutput(samplers, [1] * len(samplers), [None] * len(samplers)))

@@ -67,7 +67,7 @@ def test_compiled_triton_kernel_matches_the_reference(data, dtype):
 @SMOKE
 def test_host_tier_is_pinned_and_swaps_run_off_the_compute_stream(llama_dir):
     llm = LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=22, swap_space=0.5)
-    swapper = llm.engine.core.swapper
+    swapper = llm.engine.core.executor.swapper
     assert swapper.host_pool.is_pinned()
     assert all(s != torch.cuda.current_stream() for s in swapper._streams.values())
 
@@ -79,7 +79,7 @@ def test_the_kv_budget_is_what_gpu_memory_utilization_leaves(llama_dir):
     llm = LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.3, swap_space=0.5)
     free = torch.cuda.mem_get_info()[0]
     assert total - free <= 0.3 * total + (256 << 20)  # the graphs' pool and the allocator's rounding: slack
-    assert llm.engine.core.kv.num_blocks * llm.engine.core.swapper.block_bytes > 0.1 * total
+    assert llm.engine.core.kv.num_blocks * llm.engine.core.executor.swapper.block_bytes > 0.1 * total
     with pytest.raises(ValueError, match="leaves no memory for the KV pool"):
         LLM(llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.001, swap_space=0.5)
 
@@ -134,7 +134,7 @@ def test_a_decode_step_syncs_with_the_host_once(engine, llama_dir):
     for case in itertools.product(MODELS, RUNS, ENGINES)])
 def test_greedy_fp32_on_cuda_matches_transformers_on_cuda(model, run, engine, model_dirs, prompts):
     llm = LLM(model_dirs[model], dtype="float32", device="cuda", **ENGINES[engine], **RUNS[run])
-    assert (llm.engine.core.executor.graphs is not None) == (engine == "triton-graphs")
+    assert (llm.engine.core.executor.runner.graphs is not None) == (engine == "triton-graphs")
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
         assert out.token_ids == _hf_greedy(model_dirs[model], tuple(prompt)), f"prompt of {len(prompt)} tokens diverged"

@@ -63,11 +63,11 @@ def test_greedy_matches_transformers_over_cached_prefixes(model, backend, model_
 def _prefill_logits(engine, prompt: list[int], chunks: list[int]) -> torch.Tensor:
     """Prompt logits at every position, computing the prompt in the given chunk sizes."""
     blocks = engine.core.kv.device.allocate(-(-len(prompt) // engine.config.block_size))
-    runner, pieces, computed = engine.core.executor, [], 0
+    runner, pieces, computed = engine.core.executor.runner, [], 0
     runner.execute(SchedulerOutput(0, [], [NewRequest("r", prompt, len(prompt), SamplingParams())], [], [], []))
     with torch.inference_mode():
         for n in chunks:
-            step = SchedulerOutput(0, [ScheduledRequest("r", computed, n, blocks)], [], [], [], [])
+            step = SchedulerOutput(0, [ScheduledRequest("r", computed, n, blocks, True)], [], [], [], [])
             ids, positions, batch, _, _ = runner._prepare(step)
             hidden = runner.model(runner._tensor(ids), runner._tensor(positions), runner.kv_layers,
                                   runner.attention.prepare(batch))

@@ -246,7 +246,7 @@ def test_every_policy_and_preemption_mode_keeps_the_tokens(policy, mode, llama_d
 def test_per_request_accounting(llama_dir, prompts):
     llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=128)
     engine = llm.engine
-    engine.core.swapper.inline_bytes = 0
+    engine.core.executor.swapper.inline_bytes = 0
     rid = engine.add_request(prompts[6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
     engine.step()

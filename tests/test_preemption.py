@@ -14,7 +14,8 @@ TINY_HOST_GIB = 8 * 65536 / 2**30  # 8 blocks of the tiny fp32 Llama: too few fo
 def run_with_random_preemptions(llm: LLM, prompts, seed: int, mode: str = "swap") -> list[list[int]]:
     engine, rng = llm.engine, random.Random(seed)
     if engine.config.async_swap:
-        engine.core.swapper.inline_bytes = 0  # these swaps are small: exercise the asynchronous path
+        executor = engine.core.executor  # a worker's copy engine, or tensor parallelism's executor, which plans for the ranks
+        getattr(executor, "swapper", executor).inline_bytes = 0  # these swaps are small: exercise the asynchronous path
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():

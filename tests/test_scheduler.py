@@ -32,7 +32,8 @@ def make_request(i: int, prompt_len: int, max_tokens: int, priority: int = 0) ->
                    user=f"u{i % 3}")
 
 
-def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_blocks: int):
+def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_blocks: int, tables: dict):
+    """`tables`: the block tables an executor would hold, rebuilt from the steps' changes."""
     assert out.num_scheduled_tokens <= budget
     assert len(scheduler.running) <= max_seqs
     held = [b for r in scheduler.running for b in r.block_ids]
@@ -44,7 +45,11 @@ def check_invariants(scheduler: Scheduler, out, budget: int, max_seqs: int, num_
         assert request.status == Status.RUNNING and s.num_new_tokens >= 1
         assert s.num_computed_tokens == request.num_computed_tokens
         assert request.num_computed_tokens + s.num_new_tokens <= request.num_tokens
-        assert len(s.block_ids) * BLOCK >= request.num_computed_tokens + s.num_new_tokens
+        table = tables[s.request_id] = s.block_ids if s.new_table else tables[s.request_id] + s.block_ids
+        assert table == request.block_ids, "the executor's block table is not the scheduler's"
+        assert len(table) * BLOCK >= request.num_computed_tokens + s.num_new_tokens
+    for request_id in out.finished_ids:
+        tables.pop(request_id, None)
 
 
 def advance(scheduler: Scheduler, out) -> list[Request]:
@@ -75,14 +80,14 @@ def test_every_request_finishes_within_the_limits(sizes, num_blocks, budget, max
                           policy_named(policy, clock, seed=churn, trace_update_freq=0.3), guard, clock=clock)
     rng = random.Random(churn)
     arrivals = sorted((arrive, i, make_request(i, p, m, rng.randrange(3))) for i, (p, m, arrive) in enumerate(sizes))
-    pending, finished = list(arrivals), []
+    pending, finished, tables = list(arrivals), [], {}
     for step in range(20000):
         while pending and pending[0][0] <= step:
             scheduler.add(pending.pop(0)[2])
         if churn % 2 and scheduler.running and rng.random() < 0.2:
             rng.choice(scheduler.running).priority = rng.randrange(3)
         out = scheduler.schedule()
-        check_invariants(scheduler, out, budget, max_seqs, num_blocks)
+        check_invariants(scheduler, out, budget, max_seqs, num_blocks, tables)
         finished += advance(scheduler, out)
         clock.t += 0.01
         if not pending and not scheduler.has_unfinished():

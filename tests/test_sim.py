@@ -66,7 +66,8 @@ def test_a_baseline_copy_stalls_for_every_block_layer_and_kv():
     engine.start([Copy(0, "out", [(0, 0, 2), (7, 2, 1)], True)])
     # 3 blocks x 2 layers x K/V = 12 copies of 10 ms, and 30 bytes at 50 B/s
     assert clock.now() == pytest.approx(0.12 + 0.6) and stats.stall_s == pytest.approx(0.72)
-    assert stats.copies == 12 and stats.swap_out_blocks == 3 and stats.swap_out_bytes == 30 and engine.done(0)
+    assert stats.copies == 12 and stats.swap_out_blocks == 3 and stats.swap_out_bytes == 30
+    assert engine.finished() == []  # made on the compute path: never in flight
 
 
 def test_an_asynchronous_copy_overlaps_and_copies_share_a_direction():
@@ -76,11 +77,11 @@ def test_an_asynchronous_copy_overlaps_and_copies_share_a_direction():
                   Copy(2, "in", [(0, 0, 5)], False)])  # the other direction: 0.01 + 50 / 100
     assert clock.now() == 0.0 and stats.stall_s == 0.0 and stats.copies == 4
     clock.sleep(0.6)
-    assert not engine.done(0) and engine.done(2)
+    assert engine.finished() == [2]
     clock.sleep(0.02)
-    assert engine.done(0) and not engine.done(1)
+    assert engine.finished() == [0]
     engine.wait(1)  # the compute path waits for the rest
-    assert clock.now() == pytest.approx(0.83) and stats.stall_s == pytest.approx(0.21) and engine.done(1)
+    assert clock.now() == pytest.approx(0.83) and stats.stall_s == pytest.approx(0.21) and engine.finished() == []
 
 
 def test_fenced_small_and_inline_copies_stall_the_compute_path():
@@ -110,13 +111,15 @@ def test_a_swap_out_stalls_baseline_and_overlaps_fastswitch_steps():
             core.add_request(_add(f"r{i}", 8, 40))
         for _ in range(3):
             core.step()
-        before = core.clock.now()
+        before, stall = core.clock.now(), core.stats.stall_s
         assert core.preempt("r1")
-        moved[preset] = core.clock.now() - before
+        core.step()  # the pause's copy goes with the next step
+        moved[preset], steps = core.stats.stall_s - stall, [core.clock.now() - before]
     # r1 holds 3 blocks of 4 tokens (10 tokens' KV) of 128 bytes: baseline copies each block, layer and K/V
-    # (12 copies) on the compute path; fastswitch issues one copy of one group, in the background
-    assert moved["baseline"] == pytest.approx(12 * 1e-3 + 384 / 1e4) and moved["fastswitch"] == 0.0
-    landed, steps = before + 1e-3 + 384 / 1e4, []
+    # (12 copies) on the compute path, out and (done at once, so r1 resumes in the same step) back in;
+    # fastswitch issues one copy of one group, in the background
+    assert moved["baseline"] == pytest.approx(2 * (12 * 1e-3 + 384 / 1e4)) and moved["fastswitch"] == 0.0
+    landed = before + 1e-3 + 384 / 1e4
     while core.scheduler.requests["r1"].status.value == "swapped":
         start = core.clock.now()
         core.step()
@@ -178,7 +181,7 @@ def test_every_simulated_request_finishes_and_nothing_leaks(preset, seed, num_bl
     kv.drain()
     assert kv.device.num_available == kv.num_blocks and not kv.device.refs, "device blocks leaked"
     assert kv.host.num_available == kv.host.allocator.num_blocks and not kv.host.refs, "host blocks leaked"
-    assert not engine.core.swapper._ends
+    assert not kv.swapper.copies._ends
 
 
 def test_a_seed_gives_one_result_and_another_seed_another():

@@ -58,9 +58,10 @@ def flush(kv: KVManager) -> None:
 def settle(kv: KVManager, request: Request) -> None:
     """Wait for the request's copy in flight, and let the KV manager see it done."""
     flush(kv)
-    if request.swap is not None:
-        kv.swapper.wait(request.swap)
-    kv.poll()
+    waited = [] if request.swap is None else [request.swap]
+    for copy_id in waited:
+        kv.swapper.wait(copy_id)
+    kv.landed(waited + kv.swapper.finished())
 
 
 def read(kv: KVManager, request: Request) -> torch.Tensor:

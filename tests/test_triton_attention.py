@@ -41,6 +41,6 @@ def test_generation_with_the_triton_backend_matches_the_reference_backend(model,
     params, runs = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), {}
     for backend in ("torch", "triton"):
         llm = LLM(model_dirs[model], dtype="float32", device="cpu", num_kv_blocks=64, attention_backend=backend)
-        assert llm.engine.core.executor.attention.name == backend
+        assert llm.engine.core.executor.runner.attention.name == backend
         runs[backend] = [o.token_ids for o in llm.generate(prompts[:3], params, use_tqdm=False)]
     assert runs["triton"] == runs["torch"]

@@ -107,7 +107,7 @@ def main() -> None:
                                  attention_backend=args.attention_backend, max_num_seqs=max(batches),
                                  max_num_batched_tokens=max(8192, length), enforce_eager=args.enforce_eager,
                                  enable_prefix_caching=False))
-    model, cfg = engine.core.executor.model, engine.core.executor.cfg
+    model, cfg = engine.core.executor.runner.model, engine.core.executor.runner.cfg
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_token_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     rows = []

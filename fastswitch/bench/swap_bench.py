@@ -94,8 +94,7 @@ def measure_interference(model_dir: str, device: str, dtype: str, batch: int, mo
         start = time.perf_counter()
         engine.step()
         (busy if background else quiet).append(time.perf_counter() - start)
-    engine.core.kv.drain()
-    engine.core.swapper.close()
+    engine.core.close()
     q, b = statistics.median(quiet), statistics.median(busy)
     return dict(batch=batch, mover_tokens=mover_tokens, quiet_step_s=q, busy_step_s=b, slowdown=b / q - 1,
                 switches=switches)

@@ -1,31 +1,24 @@
 """The engine core: requests in as token ids, then one step at a time: schedule -> execute -> update.
 
-It is given its parts (an executor, a copy engine, a clock); `from_config` builds the usual ones:
-the model runner on the configured device and the swap manager between the device and host pools.
-`fastswitch serve` runs it in a process of its own (`engine/core_process.py`); `Engine` and `LLM`
-run it in theirs.
+It is given an executor, which owns the device (the model, both tiers' KV pools, the copy engine), and
+a clock; `from_config` starts the usual executor for the configuration: one worker in this process,
+or one process per tensor-parallel rank. Each step goes to it as one plain-data message with the
+copies to make (copies leave the KV manager only that way), and the copies it saw done come back
+with the sampled tokens. The core imports nothing that imports torch. `fastswitch serve` runs it in
+a process of its own (`engine/core_process.py`); `Engine` and `LLM` run it in theirs.
 """
 
 import logging
-import os
 
-import torch
-
-from fastswitch.config import CPU_KV_CACHE_BYTES, DTYPES, EngineConfig
+from fastswitch.config import EngineConfig
 from fastswitch.engine.admission import Admission
 from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import make_policy
 from fastswitch.engine.scheduler import Scheduler
-from fastswitch.interfaces import Clock, CopyEngine, Executor, MonotonicClock
+from fastswitch.interfaces import Clock, Executor, MonotonicClock
 from fastswitch.kv.allocator import runs
-from fastswitch.kv.layout import KVPool
 from fastswitch.kv.manager import KVManager
-from fastswitch.kv.swap import SwapManager
-from fastswitch.messages import AddRequest, CoreOutputs, Limits, Snapshot
-from fastswitch.model.config import ModelConfig
-from fastswitch.model.cpu_features import cpu_dtype
-from fastswitch.model.demo import default_model_path
-from fastswitch.model.runner import ModelRunner
+from fastswitch.messages import AddRequest, CoreOutputs, SchedulerOutput, Snapshot
 from fastswitch.request import Request, Status
 from fastswitch.stats import EngineStats
 
@@ -33,49 +26,31 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor, swapper: CopyEngine, stats: EngineStats,
-                 limits: Limits, num_host_blocks: int, eos_token_ids: tuple[int, ...], clock: Clock | None = None):
-        self.config, self.executor, self.swapper, self.stats, self.limits = config, executor, swapper, stats, limits
+    def __init__(self, config: EngineConfig, executor: Executor, stats: EngineStats, clock: Clock | None = None):
+        self.config, self.executor, self.stats = config, executor, stats
+        spec = executor.spec
+        self.limits, self.description = spec.limits, spec.description
         self.clock = clock or MonotonicClock()
-        self.description = ""  # for the log: model, dtype, device, attention, KV blocks
-        self.kv = KVManager(limits.num_kv_blocks, num_host_blocks, config.block_size, stats, swapper,
+        self.kv = KVManager(spec.limits.num_kv_blocks, spec.num_host_blocks, config.block_size, stats, executor,
                             config.enable_prefix_caching, config.block_groups, config.kv_reuse, self.clock,
                             config.host_write_through, config.host_write_back)
-        costs = CostModel(block_bytes=swapper.block_bytes, block_size=config.block_size)
+        costs = CostModel(block_bytes=spec.block_bytes, block_size=config.block_size)
         bounds = config.shed_bounds()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode,
-                                   make_policy(config, self.clock, costs), config.thrash_guard, eos_token_ids,
-                                   limits.max_model_len, self.clock, costs,
+                                   make_policy(config, self.clock, costs), config.thrash_guard,
+                                   tuple(spec.eos_token_ids), spec.limits.max_model_len, self.clock, costs,
                                    Admission(config.slo(), bounds) if bounds else None)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "EngineCore":
-        """The model runner and the swap manager on the configured device, with the KV pools sized."""
-        if (cores := config.cpu_set()) is not None:  # before any torch work, so every thread stays on them
-            os.sched_setaffinity(0, cores)
-            torch.set_num_threads(len(cores))
-        dummy = config.load_format == "dummy"
-        model = ModelConfig.from_folder(config.model or default_model_path(), need_weights=not dummy)
-        max_model_len = _max_model_len(config, model)
-        device = torch.device(config.device)
-        dtype = _dtype(config.dtype, model.torch_dtype, device)
-        runner = ModelRunner(model, dtype, device, max_model_len, config.block_size, config.seed,
-                             config.attention_backend, dummy, config.max_num_seqs, config.enforce_eager)
-        num_blocks = config.num_kv_blocks or _blocks_for_budget(config, model, dtype, runner)
-        runner.allocate_kv(num_blocks)
+        """The executor for the configuration on its device(s), with the KV pools sized."""
+        from fastswitch.executor import start_executor  # the device side: torch is imported from here on only
+
         stats = EngineStats()
-        per_block = runner.kv.data[0].numel() * runner.kv.data.element_size()
-        num_host_blocks = int(config.swap_space * 2**30) // per_block
-        host_kv = KVPool(num_host_blocks, model.num_layers, config.block_size, model.num_kv_heads, model.head_dim,
-                         dtype, torch.device("cpu"), host_for=device)
-        swapper = SwapManager(runner.kv.data, host_kv.data, config.swap_mode, stats, config.async_swap)
-        limits = Limits(max_model_len, model.vocab_size, num_blocks, config.block_size)
-        core = cls(config, runner, swapper, stats, limits, num_host_blocks, model.eos_token_ids)
+        executor = start_executor(config, stats)
+        core = cls(config, executor, stats)
         if config.preemption_mode == "auto" or config.policy == "slo":
-            core.scheduler.costs.copy_bytes_per_s = swapper.measure_bandwidth()
-        core.description = (f"{model.arch}, {dtype} on {device}, {runner.attention.name} attention, {num_blocks} KV "
-                            f"blocks of {config.block_size} tokens ({num_host_blocks} on the host), context limit "
-                            f"{max_model_len}")
+            core.scheduler.costs.copy_bytes_per_s = executor.measure_copy_bandwidth()
         log.info("engine ready: %s", core.description)
         return core
 
@@ -87,7 +62,7 @@ class EngineCore:
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.scheduler.abort(request_id)
-        self.swapper.start(self.kv.take_copies())  # write-backs of what the aborted requests had computed
+        self._flush_if_idle()
 
     def set_priority(self, request_id: str, priority: int) -> bool:
         """Change a queued or running request's priority (lower is served first); False if it is not here."""
@@ -106,7 +81,6 @@ class EngineCore:
         if request is None or request.status != Status.RUNNING or not self.kv.ready(request):
             return False
         self.scheduler.preempt(request, mode)
-        self.swapper.start(self.kv.take_copies())
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -116,23 +90,29 @@ class EngineCore:
         """One iteration: schedule, start its copies, run the model, and take the sampled tokens back."""
         start = self.clock.now()
         step = self.scheduler.schedule()
-        self.swapper.start(step.copies)
         model_start = self.clock.now()
-        model = self.executor.execute(step)  # also when nothing runs: it learns who finished
+        model = self.executor.execute(step)  # also when nothing runs: it makes the copies, learns who finished
         model_time = self.clock.now() - model_start
+        self.kv.landed(model.finished_copies)
         refused = self.scheduler.take_refused()
         if not step.scheduled:
             if not refused:
                 self.kv.wait_for_copies()  # nothing can run until a copy lands: wait rather than spin
             return CoreOutputs(self.clock.now(), refused)
-        outputs = refused + self.scheduler.update_from_output(step, model)
-        self.swapper.start(self.kv.take_copies())  # write-backs of the requests that just finished
+        outputs = refused + self.scheduler.update_from_output(step, model)  # write-backs go with the next step
+        self._flush_if_idle()
         self.scheduler.costs.observe_step(step.num_scheduled_tokens, model_time)
         self.stats.iterations += 1
         self.stats.model_time_s += model_time
         now = self.clock.now()
         self.stats.step_time_s += now - start
         return CoreOutputs(now, outputs)
+
+    def _flush_if_idle(self) -> None:
+        """With nothing left to run there is no next step for the planned write-backs: send them alone."""
+        if not self.scheduler.has_unfinished() and (copies := self.kv.take_copies()):
+            self.kv.landed(self.executor.execute(SchedulerOutput(self.scheduler.iteration, [], [], [], copies, []))
+                           .finished_copies)
 
     def snapshot(self) -> Snapshot:
         kv, scheduler = self.kv, self.scheduler
@@ -158,51 +138,7 @@ class EngineCore:
         }
 
     def close(self) -> None:
-        self.kv.drain()
-        self.swapper.start(self.kv.take_copies())
-        self.swapper.close()
-
-
-def _max_model_len(config: EngineConfig, model: ModelConfig) -> int:
-    limit = model.max_position_embeddings
-    if model.sliding_window is not None and model.sliding_window < limit:
-        log.info("context limited to the sliding window (%d tokens), inside which attention is exact",
-                 model.sliding_window)
-        limit = model.sliding_window
-    if config.max_model_len is not None and config.max_model_len > limit:
-        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's limit of {limit}")
-    return config.max_model_len or limit
-
-
-def _dtype(requested: str, model_dtype: str, device: torch.device) -> torch.dtype:
-    if requested != "auto":
-        return DTYPES[requested]
-    return cpu_dtype(DTYPES[model_dtype]) if device.type == "cpu" else DTYPES[model_dtype]
-
-
-def _blocks_for_budget(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, runner: ModelRunner) -> int:
-    budget = config.kv_cache_memory_bytes
-    if budget is None and runner.device.type == "cpu":
-        budget = CPU_KV_CACHE_BYTES
-    elif budget is None:
-        budget = _gpu_kv_budget(config, runner)
-    per_block = KVPool.bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
-    if budget < per_block:
-        raise ValueError(f"KV cache budget of {budget} bytes holds no block ({per_block} bytes each)")
-    return budget // per_block
-
-
-def _gpu_kv_budget(config: EngineConfig, runner: ModelRunner) -> int:
-    """What the engine's share of the GPU leaves after everything in use now (the weights, the CUDA context,
-    other processes) and a forward at the full token budget."""
-    activations = runner.profile_forward_bytes(config.max_num_batched_tokens, config.max_num_seqs)
-    free, total = torch.cuda.mem_get_info(runner.device)
-    budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
-    log.info("GPU memory: %.1f GiB in all, %.1f GiB in use, %.1f GiB for activations: %.1f GiB for the KV pool "
-             "at gpu_memory_utilization=%g", total / 2**30, (total - free) / 2**30, activations / 2**30,
-             budget / 2**30, config.gpu_memory_utilization)
-    if budget <= 0:
-        raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no memory for the KV pool: "
-                         f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use and a forward needs "
-                         f"{activations / 2**30:.1f} GiB; raise it, or lower max_num_batched_tokens")
-    return budget
+        try:
+            self.kv.drain()
+        finally:
+            self.executor.close()

@@ -11,26 +11,26 @@ import ctypes
 import logging
 import os
 import signal
-import sys
 
 import msgspec
 import zmq
 
 from fastswitch.config import EngineConfig
 from fastswitch.engine.core import EngineCore
+from fastswitch.interfaces import ExecutorDied
+from fastswitch.lifetime import die_with_parent
 from fastswitch.messages import Abort, AddRequest, CoreOutputs, Failed, Ready, Shutdown, ToCore
 from fastswitch.model.config import ModelError
 
 log = logging.getLogger("fastswitch.core")
 SNAPSHOT_INTERVAL_S = 0.25  # while busy, /metrics is at most this stale; a step that changes who runs publishes at once
 IDLE_POLL_MS = 1000
-PR_SET_PDEATHSIG = 1
 
 
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int,
                     log_level: str) -> None:
     """The process's entry point: build the core, say Ready (or Failed), then serve until Shutdown."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -102,6 +102,8 @@ class CoreLoop:
     def _step(self) -> None:
         try:
             step = self.core.step()
+        except ExecutorDied:  # a tensor-parallel rank is gone: nothing can run; the server sees this process exit
+            raise
         except Exception as error:  # a bug, not bad input: fail the requests in flight, keep serving
             log.exception("engine step failed; aborting the requests in flight")
             failed = list(self.core.scheduler.requests)
@@ -120,16 +122,6 @@ class CoreLoop:
         if isinstance(message, CoreOutputs) and message.snapshot is not None:
             self.last_snapshot = message.timestamp
         self.outputs.send(self.encoder.encode(message))
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to kill this process when its parent dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux with glibc: the idle check still notices
-        pass
-    if os.getppid() != parent_pid:  # the parent died before the request above took effect
-        sys.exit(1)
 
 
 def _trim_heap() -> None:

@@ -73,6 +73,7 @@ class Scheduler:
         self.iteration = 0
         self._seq = 0
         self._known_to_executor: set[str] = set()
+        self._sent_tables: dict[str, tuple[list[int], int]] = {}  # the block table the executor has: (list, length)
         self._finished_ids: list[str] = []  # finished since the last step: the executor may forget them
         self._refused: list[EngineCoreOutput] = []  # shed since the last update: their outputs go with it
 
@@ -100,7 +101,6 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
-        self.kv.poll()
         unfinished = self.unfinished()
         self.policy.on_iteration(unfinished)
         ranked = sorted(unfinished, key=self.policy.key)
@@ -169,8 +169,17 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             self.iteration,
-            [ScheduledRequest(r.request_id, r.num_computed_tokens, n, r.block_ids) for r, n in plan.scheduled],
+            [self._scheduled(r, n) for r, n in plan.scheduled],
             new, finished, self.kv.take_copies(), [r.request_id for r in plan.preempted])
+
+    def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
+        """The request's step, with only what changed in its block table since the executor last saw it. The KV
+        manager only appends to a live table; anything else gives the request a new list."""
+        table, sent = request.block_ids, self._sent_tables.get(request.request_id)
+        grows = sent is not None and sent[0] is table and sent[1] <= len(table)
+        self._sent_tables[request.request_id] = (table, len(table))
+        return ScheduledRequest(request.request_id, request.num_computed_tokens, n,
+                                table[sent[1]:] if grows else list(table), not grows)
 
     def update_from_output(self, step: SchedulerOutput, model: ModelOutput) -> list[EngineCoreOutput]:
         """After the forward: account the computed tokens, append the sampled ones, finish who is done."""
@@ -289,6 +298,7 @@ class Scheduler:
         if request.request_id in self._known_to_executor:
             self._known_to_executor.discard(request.request_id)
             self._finished_ids.append(request.request_id)
+            self._sent_tables.pop(request.request_id, None)
         request.metrics.finish_time = self.clock.now()
         if request.status == Status.RUNNING:
             self.running.remove(request)

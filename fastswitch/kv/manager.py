@@ -2,8 +2,8 @@
 
 The scheduler decides *that* a request grows, pauses, resumes or starts; this decides *which*
 blocks, plans the copies and keeps the books. It knows nothing about torch: it plans copies
-(`take_copies` hands them to whoever makes them, before the step's forward) and asks the copy
-engine which are done. A copy the copy engine makes on the compute path, or one whose blocks are
+(`take_copies` puts them in the next step message, for the executor to make before the forward)
+and learns from each step's output which are done (`landed`). A copy the copy engine makes on the compute path, or one whose blocks are
 needed in the same step, is *fenced*: complete before anything after it, so it counts as done at once.
 
 Both tiers are BlockCaches: blocks are refcounted, and full blocks are named by their prefix hash.
@@ -224,9 +224,7 @@ class KVManager:
             return self._resume(request)
         n_blocks = -(-request.num_computed_tokens // self.block_size)
         if n_blocks > self.device.num_available:
-            self.poll()
-            if n_blocks > self.device.num_available:
-                return None
+            return None
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
                                                  expected=self._expected_blocks(request, request.num_computed_tokens))
         request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
@@ -312,9 +310,7 @@ class KVManager:
         cached = [b for where, b in source if where == "device"]
         to_copy = [j for j, (where, _) in enumerate(source) if where == "host"]
         if len(to_copy) + sum(b in self.device.lru for b in cached) > self.device.num_available:
-            self.poll()
-            if len(to_copy) + sum(b in self.device.lru for b in cached) > self.device.num_available:
-                return None
+            return None
         self.device.take(cached)
         host_sources = [source[j][1] for j in to_copy]
         self.host.take(host_sources)  # pinned while they are read
@@ -412,11 +408,10 @@ class KVManager:
         copies, self._planned = self._planned, []
         return copies
 
-    def poll(self) -> None:
-        """Run the follow-up work of copies that have completed."""
-        planned = {c.copy_id for c in self._planned}
-        for copy_id in [i for i in self._pending if i not in planned and self.swapper.done(i)]:
-            for fn in self._pending.pop(copy_id):
+    def landed(self, copy_ids: list[int]) -> None:
+        """Run the follow-up work of these copies, which the executor has seen done."""
+        for copy_id in copy_ids:
+            for fn in self._pending.pop(copy_id, ()):
                 fn()
 
     def wait_for_copies(self) -> None:

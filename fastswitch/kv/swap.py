@@ -5,7 +5,8 @@ in each. Two modes:
 
 - `fastswitch`: one copy per contiguous run (all layers, K and V at once), issued off the compute
   path: on a worker thread on CPU (torch copies release the GIL), on a dedicated CUDA stream per
-  direction with an event on GPU. The KV manager polls `done`; it waits only when it must. On CPU
+  direction with an event on GPU. The executor reports the copies `finished` in each step's output; the KV manager waits only when it
+  must. On CPU
   a copy smaller than INLINE_COPY_BYTES is made inline: the hand-off would cost more than the copy.
   `asynchronous=False` (an ablation) copies every run inline, on the compute path.
 - `baseline`: like vLLM V0, one copy per block, per layer, for K and for V, issued synchronously
@@ -27,6 +28,11 @@ from fastswitch.stats import EngineStats
 MODES = ("fastswitch", "baseline")
 # On CPU, handing a copy to the worker thread costs about 0.1 ms, more than copying 4 MiB inline does.
 INLINE_COPY_BYTES = 4 << 20
+
+
+def inline_copy_bytes(cuda: bool, asynchronous: bool) -> float:
+    """Copies smaller than this are made inline, on the compute path."""
+    return math.inf if not asynchronous else 0 if cuda else INLINE_COPY_BYTES
 
 
 class SwapHandle:
@@ -55,7 +61,7 @@ class SwapManager:
         self.device_pool, self.host_pool, self.mode, self.stats = device_pool, host_pool, mode, stats
         self.block_bytes = device_pool[0].numel() * device_pool.element_size()
         self.cuda = device_pool.is_cuda
-        self.inline_bytes = math.inf if not asynchronous else 0 if self.cuda else INLINE_COPY_BYTES
+        self.inline_bytes = inline_copy_bytes(self.cuda, asynchronous)
         self._handles: dict[int, SwapHandle] = {}  # asynchronous copies not yet seen done
         if mode == "fastswitch" and self.cuda:
             self._streams = {"out": torch.cuda.Stream(device_pool.device), "in": torch.cuda.Stream(device_pool.device)}
@@ -69,14 +75,17 @@ class SwapManager:
         for copy in copies:
             outward = copy.kind in ("out", "writeback")
             src, dst = (self.device_pool, self.host_pool) if outward else (self.host_pool, self.device_pool)
-            self._count(copy.runs, copy.kind)
+            blocks = sum(n for _, _, n in copy.runs)
+            self.stats.count_copy(copy.kind, blocks, self.block_bytes,
+                                  blocks * self.device_pool.shape[1] * 2 if self.mode == "baseline" else len(copy.runs))
             self._start(copy, src, dst, "out" if outward else "in")
 
-    def done(self, copy_id: int) -> bool:
-        handle = self._handles.get(copy_id)
-        if handle is not None and handle.done():
+    def finished(self) -> list[int]:
+        """The asynchronous copies done since the last call (never blocks)."""
+        done = [copy_id for copy_id, handle in self._handles.items() if handle.done()]
+        for copy_id in done:
             del self._handles[copy_id]
-        return copy_id not in self._handles
+        return done
 
     def wait(self, copy_id: int) -> None:
         """Block the compute path until the copy is done, counting the time as stall."""
@@ -102,7 +111,7 @@ class SwapManager:
     def _start(self, copy: Copy, src: torch.Tensor, dst: torch.Tensor, direction: str) -> None:
         if not copy.runs:
             return
-        if self.synchronous(sum(n for _, _, n in copy.runs)) or (copy.fenced and not self.cuda):
+        if copy.fenced and (not self.cuda or self.synchronous(sum(n for _, _, n in copy.runs))):
             start = time.perf_counter()
             if self.mode == "baseline":
                 self._copy_per_block_and_layer(src, dst, copy.runs)
@@ -137,18 +146,6 @@ class SwapManager:
                         dst[d + i, layer, kv].copy_(src[s + i, layer, kv])
         if self.cuda:
             torch.cuda.current_stream().synchronize()
-
-    def _count(self, runs: list[Run], kind: str) -> None:
-        blocks = sum(n for _, _, n in runs)
-        self.stats.copies += blocks * self.device_pool.shape[1] * 2 if self.mode == "baseline" else len(runs)
-        if kind == "writeback":
-            self.stats.writeback_blocks += blocks
-        elif kind == "out":
-            self.stats.swap_out_blocks += blocks
-            self.stats.swap_out_bytes += blocks * self.block_bytes
-        else:
-            self.stats.swap_in_blocks += blocks
-            self.stats.swap_in_bytes += blocks * self.block_bytes
 
     def close(self) -> None:
         if hasattr(self, "_worker"):

@@ -11,9 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 DATA = Path(__file__).resolve().parent.parent / "data"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -55,8 +52,10 @@ def demo_config(arch: str, size: str, **overrides) -> dict:
     return cfg
 
 
-def _random_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+def _random_weights(cfg: dict, seed: int) -> dict:
     """HF-named weights; projections ~ N(0, 1/fan_in) so every layer visibly changes the residual stream."""
+    import torch  # here, not at the top: the engine core finds the demo model's path without torch
+
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
@@ -97,6 +96,8 @@ def write_demo_model(out_dir: str | Path, arch: str = "llama", size: str = "tiny
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if weights:
+        from safetensors.torch import save_file
+
         save_file(_random_weights(cfg, seed), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, ENDOFTEXT]}, indent=2))

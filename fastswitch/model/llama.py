@@ -2,7 +2,8 @@
 
 They differ only in flags of ModelConfig: biases on the projections (Qwen2), RMSNorm on queries and
 keys (Qwen3), an explicit head_dim (Qwen3), tied embeddings, and the RoPE variant. q/k/v and
-gate/up are fused into one matrix each; the loader fills the fused weights from the HF shards.
+gate/up are fused into one matrix each; the loader fills the fused weights from the HF shards. With tensor
+parallelism each rank builds its shard of every layer (see model/parallel.py); at size 1 there are no collectives.
 """
 
 import math
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastswitch.model.config import ModelConfig
+from fastswitch.model.parallel import Shard, all_gather, all_reduce
 
 
 def prepacked(weight: torch.Tensor) -> torch.Tensor:
@@ -33,6 +35,19 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(Linear):
+    """A linear layer over this rank's columns of the input: its partial sums are added up over the ranks, and
+    the bias added once, after."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = all_reduce(linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+def row_parallel(shard: Shard):
+    return Linear if shard.size == 1 else RowParallelLinear
 
 
 class RMSNorm(nn.Module):
@@ -87,12 +102,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.heads(cfg), shard.kv_heads(cfg), cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = row_parallel(shard)(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -112,10 +127,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        intermediate_size = shard.intermediate_size(cfg)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * intermediate_size)
+        self.down_proj = row_parallel(shard)(intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -123,12 +139,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
 
     def forward(self, x, rope, kv_layer, meta):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
@@ -136,30 +152,45 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int):
+    def __init__(self, cfg: ModelConfig, max_len: int, shard: Shard = Shard()):
         super().__init__()
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.shard, self.vocab_size = shard, cfg.vocab_size
+        # zeros: a shard's rows past the vocabulary are padding, which the loader leaves as they are
+        self.embed_tokens = nn.Parameter(torch.zeros(shard.vocab_rows(cfg), cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg, max_len)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+            self.lm_head = nn.Parameter(torch.zeros(shard.vocab_rows(cfg), cfg.hidden_size), requires_grad=False)
 
     def forward(self, input_ids, positions, kv_layers, meta) -> torch.Tensor:
-        """Flat batch in, final hidden states out ([T, hidden]). kv_layers[i] is layer i's (K, V) pool; `meta`
-        is the attention backend's metadata for this step (see model/attention)."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        """Flat batch in, final hidden states out ([T, hidden]). kv_layers[i] is layer i's (K, V) pool (with this
+        shard's KV heads); `meta` is the attention backend's metadata for this step (see model/attention)."""
+        x = self._embed(input_ids)
         rope = self.rope(positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_layers):
             x = layer(x, rope, kv_layer, meta)
         return self.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        rows = self.embed_tokens.shape[0]
+        local = input_ids - self.shard.rank * rows
+        elsewhere = (local < 0) | (local >= rows)  # another rank's rows: zeros here, its vectors from the sum
+        x = F.embedding(local.masked_fill(elsewhere, 0), self.embed_tokens)
+        return all_reduce(x.masked_fill(elsewhere.unsqueeze(-1), 0))
+
     def _head(self) -> torch.Tensor:
         return self.lm_head if hasattr(self, "lm_head") else self.embed_tokens
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, vocab_size] float logits, the whole vocabulary on every rank (so every rank samples alike)."""
         weight = self.packed_head if hasattr(self, "packed_head") else self._head()
-        return linear(hidden, weight).float()
+        logits = linear(hidden, weight)
+        if self.shard.size > 1:
+            logits = all_gather(logits, dim=-1)[:, : self.vocab_size]
+        return logits.float()
 
     def prepack(self) -> None:
         """On a CPU: every projection, and the LM head (a copy, when tied to the embedding the lookup reads), in

@@ -1,12 +1,13 @@
 """Runs one step through the model: a SchedulerOutput in, the sampled tokens out.
 
-It owns the model, the device KV pool, the sampler and (on CUDA) the decode graphs, and knows
-nothing about scheduling policy.
-It keeps each live request's tokens (the prompt it was sent, then every token it sampled), so a step
-only says who computes how many tokens with which blocks.
+It owns the model (with tensor parallelism, this rank's shard of it), the device KV pool, the sampler
+and (on CUDA) the decode graphs, and knows nothing about scheduling policy. Every rank samples the
+same tokens from the same gathered logits, with the same seeds.
+It keeps each live request's tokens (the prompt it was sent, then every token it sampled) and block
+table, so a step only says who computes how many tokens, and which blocks their tables gained.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,7 @@ from fastswitch.messages import ModelOutput, SchedulerOutput
 from fastswitch.model.attention import StepBatch, select_backend
 from fastswitch.model.config import ModelConfig
 from fastswitch.model.loader import load_model
+from fastswitch.model.parallel import Shard
 from fastswitch.model.sampler import SampleInput, Sampler
 from fastswitch.sampling import SamplingParams
 
@@ -26,25 +28,29 @@ class _RequestState:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
+    block_ids: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  block_size: int, seed: int, attention_backend: str = "auto", dummy_weights: bool = False,
-                 max_num_seqs: int = 256, enforce_eager: bool = False):
+                 max_num_seqs: int = 256, enforce_eager: bool = False, shard: Shard = Shard()):
         self.cfg, self.dtype, self.device, self.block_size = model_cfg, dtype, device, block_size
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
-        self.model = load_model(model_cfg, dtype, device, max_model_len, dummy_weights, seed)
+        self.num_kv_heads = shard.kv_heads(model_cfg)  # this rank's: its KV pool holds only these
+        self.model = load_model(model_cfg, dtype, device, max_model_len, dummy_weights, seed, shard)
         self.sampler = Sampler(device, seed)
         self.attention = select_backend(attention_backend, device)
-        self.use_graphs = device.type == "cuda" and self.attention.name == "triton" and not enforce_eager
+        # captured collectives are untried here: tensor-parallel decodes run eagerly
+        self.use_graphs = (device.type == "cuda" and self.attention.name == "triton" and not enforce_eager
+                           and shard.size == 1)
         self.graphs = None  # DecodeGraphs, once the KV pool exists
         self.requests: dict[str, _RequestState] = {}
 
     def allocate_kv(self, num_blocks: int) -> None:
         """Called once the weights are loaded, so a GPU budget can be measured from what is left. With CUDA
         graphs, the pool has one block more, which no request owns: padding rows write there."""
-        self.kv = KVPool(num_blocks + self.use_graphs, self.cfg.num_layers, self.block_size, self.cfg.num_kv_heads,
+        self.kv = KVPool(num_blocks + self.use_graphs, self.cfg.num_layers, self.block_size, self.num_kv_heads,
                          self.cfg.head_dim, self.dtype, self.device)
         self.kv_layers = self.kv.layers()
         if self.use_graphs:
@@ -60,7 +66,7 @@ class ModelRunner:
         """CUDA: peak memory of one forward of `num_tokens` (a prefill, over a scratch KV pool of its own) and
         logits for `num_seqs` rows, beyond what is allocated now: what the KV pool must leave free."""
         blocks = -(-num_tokens // self.block_size)
-        scratch = KVPool(blocks, self.cfg.num_layers, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim,
+        scratch = KVPool(blocks, self.cfg.num_layers, self.block_size, self.num_kv_heads, self.cfg.head_dim,
                          self.dtype, self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -115,11 +121,12 @@ class ModelRunner:
         ids, positions, slots, sample_index, samplers = [], [], [], [], []
         query_start_loc, seq_lens, block_tables = [0], [], []
         for s in step.scheduled:
-            tokens = self.requests[s.request_id].token_ids
+            state = self.requests[s.request_id]
+            tokens = state.token_ids
             start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
             ids += tokens[start:end]
             positions += range(start, end)
-            blocks = s.block_ids
+            blocks = state.block_ids = s.block_ids if s.new_table else state.block_ids + s.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             query_start_loc.append(len(ids))
             seq_lens.append(end)

@@ -72,6 +72,9 @@ class _StepTimer:
         self.batch = [(s.num_computed_tokens, s.num_new_tokens, s.request_id in sampled) for s in step.scheduled]
         return out
 
+    def close(self) -> None:
+        self.executor.close()
+
     def step(self):
         """Less the time copies stalled it: the simulator's copy engine models that."""
         self.batch, start, stall = [], time.perf_counter(), self.stats.stall_s
@@ -87,17 +90,18 @@ def calibrate(config: EngineConfig, name: str) -> dict:
 
     The batches run on a roomy KV pool; the conversations on `config`'s (tight, to see preemptions)."""
     roomy = Engine(dataclasses.replace(config, num_kv_blocks=None, kv_cache_memory_bytes=None))
-    runner = roomy.core.executor
+    worker = roomy.core.executor
+    runner = worker.runner
     shape = ModelShape.from_config(runner.cfg, _dtype_name(runner.dtype))
     timer = _StepTimer(roomy)
     _run_batches(roomy, BATCHES[:8])  # warm-up: kernels built, caches and allocator pools filled
     timer.steps.clear()
     _run_batches(roomy, BATCHES)
     steps = timer.steps
-    copies = _time_copies(runner.kv.data, roomy.core.swapper)
+    copies = _time_copies(runner.kv.data, worker.swapper)
     roomy.core.close()
     steps += _time_conversations(config)
-    fitted = _fit_steps(steps, shape, name, _fit_link(copies, roomy.core.swapper.inline_bytes))
+    fitted = _fit_steps(steps, shape, name, _fit_link(copies, worker.swapper.inline_bytes))
     errors = [abs(StepCost(shape, fitted).seconds(b) / t - 1) for b, t in steps]
     log.info("step model: median error %.1f%%, 90th percentile %.1f%%", 100 * np.median(errors),
              100 * np.percentile(errors, 90))

@@ -58,7 +58,7 @@ class SimCopyEngine:
             if not blocks:
                 continue
             operations = blocks * self.num_layers * 2 if self.mode == "baseline" else len(copy.runs)
-            self._count(copy.kind, blocks, operations)
+            self.stats.count_copy(copy.kind, blocks, self.block_bytes, operations)
             direction = "out" if copy.kind in ("out", "writeback") else "in"
             now = self.clock.now()
             end = self.channels[direction].transfer(now, operations, blocks * self.block_bytes)
@@ -67,11 +67,13 @@ class SimCopyEngine:
             else:
                 self._ends[copy.copy_id] = end
 
-    def done(self, copy_id: int) -> bool:
-        end = self._ends.get(copy_id)
-        if end is not None and end <= self.clock.now():
+    def finished(self) -> list[int]:
+        """The asynchronous copies the clock has passed the end of since the last call."""
+        now = self.clock.now()
+        done = [copy_id for copy_id, end in self._ends.items() if end <= now]
+        for copy_id in done:
             del self._ends[copy_id]
-        return copy_id not in self._ends
+        return done
 
     def wait(self, copy_id: int) -> None:
         end = self._ends.pop(copy_id, None)
@@ -84,15 +86,3 @@ class SimCopyEngine:
     def _stall_until(self, end: float) -> None:
         self.stats.stall_s += max(0.0, end - self.clock.now())
         self.clock.advance_to(end)
-
-    def _count(self, kind: str, blocks: int, operations: int) -> None:
-        stats = self.stats
-        stats.copies += operations
-        if kind == "writeback":
-            stats.writeback_blocks += blocks
-        elif kind == "out":
-            stats.swap_out_blocks += blocks
-            stats.swap_out_bytes += blocks * self.block_bytes
-        else:
-            stats.swap_in_blocks += blocks
-            stats.swap_in_bytes += blocks * self.block_bytes

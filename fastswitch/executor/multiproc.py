@@ -1,0 +1,176 @@
+"""Tensor parallelism's executor: one process per rank (`executor/rank.py`), each a Worker over its
+shard of the model and of both KV tiers, driven in lockstep by the engine core.
+
+Each call is encoded once and sent to every rank (a PUSH socket each, over IPC, as vLLM's
+multiprocessing executor broadcasts its step); every rank answers. The step's sampled tokens come
+from rank 0; a copy is done once every rank has reported it done. A rank that dies or fails a call
+fails the engine: the others are killed, the call raises `ExecutorDied`, no process is left behind.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections import Counter
+from dataclasses import replace
+
+import msgspec
+import zmq
+
+from fastswitch.config import EngineConfig, format_cores
+from fastswitch.executor.rank import Call, Reply
+from fastswitch.interfaces import ExecutorDied
+from fastswitch.kv.swap import inline_copy_bytes
+from fastswitch.messages import ModelOutput, SchedulerOutput
+from fastswitch.model.config import ModelConfig
+from fastswitch.model.demo import default_model_path
+from fastswitch.model.parallel import Shard
+from fastswitch.stats import EngineStats
+
+log = logging.getLogger(__name__)
+LIVENESS_POLL_MS = 200  # while waiting for replies, how often the ranks are checked for life
+CLOSE_WAIT_S = 10.0
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig, stats: EngineStats):
+        self.stats, self.size, self.mode = stats, config.tensor_parallel_size, config.swap_mode
+        model = ModelConfig.from_folder(config.model or default_model_path(), need_weights=False)
+        Shard(0, self.size).check(model)  # a model the ranks cannot split is refused here, before any starts
+        self.num_layers = model.num_layers
+        cuda = config.device.startswith("cuda")
+        self.inline_bytes = inline_copy_bytes(cuda, config.async_swap)
+        self._dir = tempfile.mkdtemp(prefix="fastswitch-tp-")
+        self._context = zmq.Context()
+        self._calls = [self._context.socket(zmq.PUSH) for _ in range(self.size)]
+        self._replies = self._context.socket(zmq.PULL)
+        for rank, socket in enumerate(self._calls):
+            socket.sndhwm = 0
+            socket.bind(f"ipc://{self._dir}/calls-{rank}")
+        self._replies.bind(f"ipc://{self._dir}/replies")
+        self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Reply)
+        self._done_on = Counter()  # copy id -> ranks that reported it done
+        self.failure: str | None = None  # once set, every call raises ExecutorDied with it
+        self.seam_s = 0.0  # of the steps' time: sending them to the ranks and gathering the replies
+        self.ranks = self._start_ranks(config, cuda)
+        # an executor dropped without close() (an LLM going out of scope) still takes its ranks with it
+        self._finalizer = weakref.finalize(self, _stop_ranks, self.ranks, self._context, self._dir, 0)
+        try:
+            fits = self._gather()  # each rank's first reply, once its shard is loaded
+            log.info("tensor parallel: %d ranks ready", self.size)
+            self.spec = self._call(Call("allocate_kv", value=int(min(r.number for r in fits))))[0].spec
+        except BaseException:
+            self._stop(kill=True)
+            raise
+        self.block_bytes = self.spec.block_bytes
+
+    def _start_ranks(self, config: EngineConfig, cuda: bool) -> list[subprocess.Popen]:
+        shares = [None] * self.size if cuda else config.rank_cores()
+        rank_config = replace(config, cpu_cores=None)  # each rank gets its share of the cores instead
+        ranks = []
+        for rank, cores in enumerate(shares):
+            argv = [sys.executable, "-m", "fastswitch.executor.rank", "--rank", str(rank), "--size", str(self.size),
+                    "--parent-pid", str(os.getpid()), "--init-method", f"file://{self._dir}/rendezvous",
+                    "--calls", f"ipc://{self._dir}/calls-{rank}", "--replies", f"ipc://{self._dir}/replies",
+                    "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                    *(["--cores", format_cores(cores)] if cores else []), *rank_config.to_cli_args()]
+            ranks.append(subprocess.Popen(argv))
+        return ranks
+
+    # -- the Executor seam -----------------------------------------------------------------------------
+
+    def execute(self, step: SchedulerOutput) -> ModelOutput:
+        for copy in step.copies:
+            blocks = sum(n for _, _, n in copy.runs)
+            operations = blocks * self.num_layers * 2 if self.mode == "baseline" else len(copy.runs)
+            self.stats.count_copy(copy.kind, blocks, self.block_bytes, operations)
+        start = time.perf_counter()
+        replies = self._call(Call("execute", step))
+        self.seam_s += time.perf_counter() - start - max(reply.number for reply in replies)
+        for reply in replies:
+            self._done_on.update(reply.output.finished_copies)
+        done = [copy_id for copy_id, ranks in self._done_on.items() if ranks == self.size]
+        for copy_id in done:
+            del self._done_on[copy_id]
+        output = replies[0].output
+        output.finished_copies = done
+        return output
+
+    def synchronous(self, num_blocks: int) -> bool:
+        return self.mode == "baseline" or num_blocks * self.block_bytes < self.inline_bytes
+
+    def wait(self, copy_id: int) -> None:
+        start = time.perf_counter()
+        self._call(Call("wait", value=copy_id))
+        self._done_on.pop(copy_id, None)
+        self.stats.stall_s += time.perf_counter() - start
+
+    def measure_copy_bandwidth(self) -> float:
+        return self._call(Call("measure_copy_bandwidth"))[0].number
+
+    def close(self) -> None:
+        try:
+            if self.failure is None:
+                self._call(Call("close"))
+        except ExecutorDied:
+            pass
+        finally:
+            self._stop(kill=self.failure is not None)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _call(self, call: Call) -> list[Reply]:
+        """Send the call to every rank (encoded once); their replies in rank order."""
+        if self.failure is not None:
+            raise ExecutorDied(self.failure)
+        message = self._encoder.encode(call)
+        for socket in self._calls:
+            socket.send(message, copy=False)
+        return self._gather()
+
+    def _gather(self) -> list[Reply]:
+        replies: list[Reply | None] = [None] * self.size
+        for _ in range(self.size):
+            while not self._replies.poll(LIVENESS_POLL_MS):
+                self._fail_if_a_rank_exited()
+            reply = self._decoder.decode(self._replies.recv())
+            if reply.error is not None:  # a peer's death shows as a failed collective: name the root cause
+                time.sleep(LIVENESS_POLL_MS / 1000)
+                self._fail_if_a_rank_exited()
+                self._fail(f"tensor-parallel rank {reply.rank} failed: {reply.error}")
+            replies[reply.rank] = reply
+        return replies
+
+    def _fail_if_a_rank_exited(self) -> None:
+        for rank, process in enumerate(self.ranks):
+            if process.poll() is not None and process.returncode != 1:  # 1: it reported its error and left
+                self._fail(f"tensor-parallel rank {rank} exited (code {process.returncode})")
+
+    def _fail(self, message: str) -> None:
+        log.error("%s: stopping every rank", message)
+        self.failure = message
+        self._stop(kill=True)
+        raise ExecutorDied(message)
+
+    def _stop(self, kill: bool) -> None:
+        self._finalizer.detach()
+        _stop_ranks(self.ranks, self._context, self._dir, 0 if kill else CLOSE_WAIT_S)
+
+
+def _stop_ranks(ranks: list[subprocess.Popen], context: zmq.Context, folder: str, wait_s: float) -> None:
+    """Every rank gone (given `wait_s` to exit, then killed), the sockets closed, the rendezvous folder removed.
+    A rank whose peer died waits in a collective forever: it must be killed."""
+    deadline = time.monotonic() + wait_s
+    for rank in ranks:
+        try:
+            rank.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.wait()
+    if not context.closed:
+        context.destroy(linger=0)
+    shutil.rmtree(folder, ignore_errors=True)
