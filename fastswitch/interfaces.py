@@ -36,8 +36,8 @@ class CopyEngine(Protocol):
     def synchronous(self, num_blocks: int) -> bool:
         """Whether a copy of this size is made on the compute path (so the plan may count it done)."""
 
-    def wait(self, copy_id: int) -> None:
-        """Block until the copy is done, counting the time as stall."""
+    def wait(self, copy_id: int) -> bool:
+        """Block until the copy is done, counting the time as stall; False if it failed."""
 
 
 class Executor(CopyEngine, Protocol):
@@ -47,6 +47,6 @@ class Executor(CopyEngine, Protocol):
 
     def execute(self, step: SchedulerOutput) -> ModelOutput:
         """Start the step's copies in order, then run its forward and sample; the output names the asynchronous
-        copies seen done since the last step."""
+        copies seen done (or failed) since the last step."""
 
     def close(self) -> None: ...

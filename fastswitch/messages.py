@@ -67,6 +67,7 @@ class ModelOutput(msgspec.Struct, array_like=True):
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
     finished_copies: list[int] = []
+    failed_copies: list[int] = []  # ended without their data (an exception in the copy thread, a CUDA error)
 
 
 # -- frontend <-> engine core ----------------------------------------------------------------------

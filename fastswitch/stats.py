@@ -25,6 +25,7 @@ class EngineStats:
     resume_recomputed_tokens: int = 0  # tokens a swap-in found in neither tier: recomputed
     rejected_requests: int = 0  # shed by admission control before their first token
     recompute_fallbacks: int = 0  # swap preemptions turned into recomputation because the host was full
+    copy_failures: int = 0  # asynchronous KV copies that failed: what they moved is recomputed
     stall_s: float = 0.0  # time the compute path waited on copies
 
     def count_copy(self, kind: str, blocks: int, block_bytes: int, operations: int) -> None:

@@ -31,5 +31,5 @@ def execute(scheduler: Scheduler, out: SchedulerOutput) -> list[EngineCoreOutput
     samplers = [s.request_id for s in out.scheduled
                 if s.num_computed_tokens + s.num_new_tokens == scheduler.requests[s.request_id].num_tokens]
     if swapper is not None:
-        scheduler.kv.landed(swapper.finished())
+        scheduler.kv.landed(*swapper.finished())
     return scheduler.update_from_output(out, ModelOutput(samplers, [1] * len(samplers), [None] * len(samplers)))

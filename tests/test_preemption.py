@@ -6,6 +6,7 @@ import random
 import pytest
 
 from fastswitch import LLM, SamplingParams
+from tests.test_swap import FlakyCopies
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 TINY_HOST_GIB = 8 * 65536 / 2**30  # 8 blocks of the tiny fp32 Llama: too few for the longer prompts
@@ -90,3 +91,14 @@ def test_aborting_a_request_mid_swap_releases_everything(model_dirs, prompts):
     engine.core.kv.drain()
     assert not engine.has_unfinished_requests()
     assert engine.core.kv.device.num_available == engine.core.kv.num_blocks and engine.core.kv.host.num_available == engine.core.kv.host.allocator.num_blocks
+
+
+def test_failed_copies_recompute_their_requests_and_change_no_token(model_dirs, prompts, undisturbed):
+    """About a third of the asynchronous copies fail on the copy thread, leaving garbage where they wrote: the
+    requests they paused or resumed are recomputed, and every request still gets the undisturbed tokens."""
+    llm = LLM(model_dirs["llama"], dtype="float32", device="cpu", num_kv_blocks=128)
+    worker = llm.engine.core.executor
+    worker.swapper = FlakyCopies(worker.swapper.device_pool, worker.swapper.host_pool, "fastswitch",
+                                 llm.engine.stats, seed=5)
+    assert run_with_random_preemptions(llm, prompts, seed=2) == undisturbed["llama"]
+    assert llm.engine.stats.copy_failures == worker.swapper.failures > 0

@@ -67,7 +67,7 @@ def test_a_baseline_copy_stalls_for_every_block_layer_and_kv():
     # 3 blocks x 2 layers x K/V = 12 copies of 10 ms, and 30 bytes at 50 B/s
     assert clock.now() == pytest.approx(0.12 + 0.6) and stats.stall_s == pytest.approx(0.72)
     assert stats.copies == 12 and stats.swap_out_blocks == 3 and stats.swap_out_bytes == 30
-    assert engine.finished() == []  # made on the compute path: never in flight
+    assert engine.finished() == ([], [])  # made on the compute path: never in flight
 
 
 def test_an_asynchronous_copy_overlaps_and_copies_share_a_direction():
@@ -77,11 +77,11 @@ def test_an_asynchronous_copy_overlaps_and_copies_share_a_direction():
                   Copy(2, "in", [(0, 0, 5)], False)])  # the other direction: 0.01 + 50 / 100
     assert clock.now() == 0.0 and stats.stall_s == 0.0 and stats.copies == 4
     clock.sleep(0.6)
-    assert engine.finished() == [2]
+    assert engine.finished() == ([2], [])
     clock.sleep(0.02)
-    assert engine.finished() == [0]
+    assert engine.finished() == ([0], [])
     engine.wait(1)  # the compute path waits for the rest
-    assert clock.now() == pytest.approx(0.83) and stats.stall_s == pytest.approx(0.21) and engine.finished() == []
+    assert clock.now() == pytest.approx(0.83) and stats.stall_s == pytest.approx(0.21) and engine.finished() == ([], [])
 
 
 def test_fenced_small_and_inline_copies_stall_the_compute_path():

@@ -93,7 +93,7 @@ class EngineCore:
         model_start = self.clock.now()
         model = self.executor.execute(step)  # also when nothing runs: it makes the copies, learns who finished
         model_time = self.clock.now() - model_start
-        self.kv.landed(model.finished_copies)
+        self.kv.landed(model.finished_copies, model.failed_copies)
         refused = self.scheduler.take_refused()
         if not step.scheduled:
             if not refused:
@@ -111,8 +111,8 @@ class EngineCore:
     def _flush_if_idle(self) -> None:
         """With nothing left to run there is no next step for the planned write-backs: send them alone."""
         if not self.scheduler.has_unfinished() and (copies := self.kv.take_copies()):
-            self.kv.landed(self.executor.execute(SchedulerOutput(self.scheduler.iteration, [], [], [], copies, []))
-                           .finished_copies)
+            model = self.executor.execute(SchedulerOutput(self.scheduler.iteration, [], [], [], copies, []))
+            self.kv.landed(model.finished_copies, model.failed_copies)
 
     def snapshot(self) -> Snapshot:
         kv, scheduler = self.kv, self.scheduler

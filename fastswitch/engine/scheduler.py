@@ -101,6 +101,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
+        for request in self.kv.take_lost():
+            self._recompute_lost(request)
         unfinished = self.unfinished()
         self.policy.on_iteration(unfinished)
         ranked = sorted(unfinished, key=self.policy.key)
@@ -278,6 +280,21 @@ class Scheduler:
                 stats.swap_preemptions += 1
                 return
         self.kv.stats.recompute_preemptions += 1
+        self.kv.release(request)
+        request.computed_at_pause, request.num_computed_tokens = request.num_computed_tokens, 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+
+    def _recompute_lost(self, request: Request) -> None:
+        """A copy of this request's KV failed: drop what it holds (writing none of it back) and compute it
+        again, from whatever prefix the caches still hold intact."""
+        log.warning("%s: a copy of its KV failed; it is recomputed", request.request_id)
+        if request.status == Status.RUNNING:
+            self.running.remove(request)
+            request.paused_at = self.clock.now()
+        else:
+            self.swapped.remove(request)
+        request.num_named_blocks = 0
         self.kv.release(request)
         request.computed_at_pause, request.num_computed_tokens = request.num_computed_tokens, 0
         request.status = Status.WAITING

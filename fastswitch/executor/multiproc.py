@@ -53,7 +53,8 @@ class MultiprocExecutor:
             socket.bind(f"ipc://{self._dir}/calls-{rank}")
         self._replies.bind(f"ipc://{self._dir}/replies")
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Reply)
-        self._done_on = Counter()  # copy id -> ranks that reported it done
+        self._ended_on = Counter()  # copy id -> ranks that reported it done or failed
+        self._failed: set[int] = set()  # copies some rank reported failed: failed on all, once all have ended
         self.failure: str | None = None  # once set, every call raises ExecutorDied with it
         self.seam_s = 0.0  # of the steps' time: sending them to the ranks and gathering the replies
         self.ranks = self._start_ranks(config, cuda)
@@ -92,22 +93,28 @@ class MultiprocExecutor:
         replies = self._call(Call("execute", step))
         self.seam_s += time.perf_counter() - start - max(reply.number for reply in replies)
         for reply in replies:
-            self._done_on.update(reply.output.finished_copies)
-        done = [copy_id for copy_id, ranks in self._done_on.items() if ranks == self.size]
-        for copy_id in done:
-            del self._done_on[copy_id]
+            self._ended_on.update(reply.output.finished_copies + reply.output.failed_copies)
+            self._failed.update(reply.output.failed_copies)
+        ended = [copy_id for copy_id, ranks in self._ended_on.items() if ranks == self.size]
+        for copy_id in ended:
+            del self._ended_on[copy_id]
         output = replies[0].output
-        output.finished_copies = done
+        output.finished_copies = [i for i in ended if i not in self._failed]
+        output.failed_copies = [i for i in ended if i in self._failed]
+        self._failed.difference_update(ended)
         return output
 
     def synchronous(self, num_blocks: int) -> bool:
         return self.mode == "baseline" or num_blocks * self.block_bytes < self.inline_bytes
 
-    def wait(self, copy_id: int) -> None:
+    def wait(self, copy_id: int) -> bool:
         start = time.perf_counter()
-        self._call(Call("wait", value=copy_id))
-        self._done_on.pop(copy_id, None)
+        replies = self._call(Call("wait", value=copy_id))
+        failed = copy_id in self._failed or any(reply.failed for reply in replies)
+        self._ended_on.pop(copy_id, None)
+        self._failed.discard(copy_id)
         self.stats.stall_s += time.perf_counter() - start
+        return not failed
 
     def measure_copy_bandwidth(self) -> float:
         return self._call(Call("measure_copy_bandwidth"))[0].number

@@ -36,6 +36,7 @@ class Call(msgspec.Struct, array_like=True):
 class Reply(msgspec.Struct, array_like=True, omit_defaults=True):
     rank: int
     error: str | None = None
+    failed: bool = False  # wait: the copy failed on this rank
     output: ModelOutput | None = None
     spec: ExecutorSpec | None = None
     number: float | None = None  # the first reply: KV blocks that fit; execute: its seconds; measure_copy_bandwidth: bytes/s
@@ -50,12 +51,13 @@ def serve_rank(worker: Worker, rank: int, calls: zmq.Socket, replies: zmq.Socket
         if call.method == "execute":
             start = time.perf_counter()
             output = worker.execute(call.step)
-            reply.output = output if rank == 0 else ModelOutput([], [], [], output.finished_copies)
+            reply.output = output if rank == 0 else ModelOutput([], [], [], output.finished_copies,
+                                                                output.failed_copies)
             reply.number = time.perf_counter() - start
         elif call.method == "allocate_kv":
             reply.spec = worker.allocate_kv(call.value)
         elif call.method == "wait":
-            worker.wait(call.value)
+            reply.failed = not worker.wait(call.value)
         elif call.method == "measure_copy_bandwidth":
             reply.number = worker.measure_copy_bandwidth()
         elif call.method == "close":

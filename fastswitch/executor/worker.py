@@ -70,14 +70,14 @@ class Worker:
     def execute(self, step: SchedulerOutput) -> ModelOutput:
         self.swapper.start(step.copies)
         output = self.runner.execute(step)
-        output.finished_copies = self.swapper.finished()
+        output.finished_copies, output.failed_copies = self.swapper.finished()
         return output
 
     def synchronous(self, num_blocks: int) -> bool:
         return self.swapper.synchronous(num_blocks)
 
-    def wait(self, copy_id: int) -> None:
-        self.swapper.wait(copy_id)
+    def wait(self, copy_id: int) -> bool:
+        return self.swapper.wait(copy_id)
 
     def measure_copy_bandwidth(self) -> float:
         return self.swapper.measure_bandwidth()

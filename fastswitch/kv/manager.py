@@ -70,6 +70,9 @@ class KVManager:
         self.write_back = write_back
         self._pending: dict[int, list[Callable[[], None]]] = {}  # copies not known done -> work to do then
         self._reading: dict[int, int] = {}  # device block -> the copy to the host still reading it
+        self._owners: dict[int, Request] = {}  # copies in flight that pause or resume a request -> the request
+        self._failed: set[int] = set()  # copies whose follow-up work runs now, after they failed
+        self._lost: dict[str, Request] = {}  # requests whose copy failed: to be recomputed (`take_lost`)
         self._planned: list[Copy] = []  # not yet handed to the copy engine
         self._copy_ids = itertools.count()
 
@@ -92,8 +95,8 @@ class KVManager:
         self._grow_to(request, request.num_computed_tokens + n)
 
     def ready(self, request: Request) -> bool:
-        """False while the request's KV is still being copied in."""
-        return request.swap not in self._pending
+        """False while the request's KV is still being copied in, or once a copy of it failed."""
+        return request.swap not in self._pending and request.request_id not in self._lost
 
     # -- starting a request: reuse its cached prefix --------------------------------------------
 
@@ -115,7 +118,7 @@ class KVManager:
                                           after=on_device[-1] if on_device else None)
             request.block_ids += copies
             self.host.take(on_host)  # pinned while they are read
-            request.swap = self._plan("in", plan_copies(on_host, copies))
+            request.swap = self._plan("in", plan_copies(on_host, copies), request)
             self._after(request.swap, lambda: self.host.drop(on_host))
         if not request.num_output_tokens:  # usage reports the prompt's first admission, not recomputations
             request.num_cached_tokens = min(reused, request.num_prompt_tokens)
@@ -155,8 +158,9 @@ class KVManager:
         return on_device, on_host
 
     def commit(self, request: Request) -> None:
-        """After an iteration: name the request's blocks that are now full, so others can find them."""
-        if not self.prefix_caching:
+        """After an iteration: name the request's blocks that are now full, so others can find them (none while
+        a copy is still writing its KV: a name is published only once the KV behind it is complete)."""
+        if not self.prefix_caching or not self.ready(request):
             return
         full = request.num_computed_tokens // self.block_size
         names = self._names(request)
@@ -206,10 +210,10 @@ class KVManager:
                 request.host_block_ids.append(block)
         self.stats.reuse_saved_blocks += n_blocks - len(copy)
         sources = [request.block_ids[j] for j, _ in copy]
-        handle = self._plan("out", plan_copies(sources, [b for _, b in copy]))
+        handle = self._plan("out", plan_copies(sources, [b for _, b in copy]), request)
         self._read_by(handle, sources)
         self._time_swap(request, handle)
-        self._after(handle, lambda: [self.host.name(b, names[j]) for j, b in copy if j < len(names)])
+        self._after_success(handle, lambda: [self.host.name(b, names[j]) for j, b in copy if j < len(names)])
         self._release_device(request, handle)
         request.host_tokens, request.swap = request.num_computed_tokens, handle
         return True
@@ -227,7 +231,7 @@ class KVManager:
             return None
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
                                                  expected=self._expected_blocks(request, request.num_computed_tokens))
-        request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids))
+        request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids), request)
         self._time_swap(request, request.swap)
         if not self.reuse:
             self._release_host(request, request.swap)
@@ -274,18 +278,13 @@ class KVManager:
         self.stats.reuse_saved_blocks += len(names) - len([j for j in stale if j < full])
         host_blocks = self.host.allocate(len(fits)) if fits else []
         sources = [request.block_ids[j] for j in fits]
-        handle = self._plan("out", plan_copies(sources, host_blocks))
+        handle = self._plan("out", plan_copies(sources, host_blocks), request)
         self._read_by(handle, sources)
         self._time_swap(request, handle)
         named = [(b, names[j]) for j, b in zip(fits, host_blocks) if j < full]
         partial = [b for j, b in zip(fits, host_blocks) if j == full]
-
-        def landed():
-            for block, name in named:
-                self.host.name(block, name)
-            self.host.drop([b for b, _ in named])
-
-        self._after(handle, landed)
+        self._after_success(handle, lambda: [self.host.name(block, name) for block, name in named])
+        self._after(handle, lambda: self.host.drop([b for b, _ in named]))
         self.host.drop(on_host)
         self._release_device(request, handle)
         request.host_block_ids, request.host_tokens = partial, computed if partial else 0
@@ -320,16 +319,11 @@ class KVManager:
                                      expected=self._expected_blocks(request, tokens))
         blocks = dict(enumerate(b for _, b in source)) | dict(zip(to_copy, fresh))
         request.block_ids = [blocks[j] for j in range(len(source))]
-        request.swap = self._plan("in", plan_copies(host_sources, fresh))
+        request.swap = self._plan("in", plan_copies(host_sources, fresh), request)
         self._time_swap(request, request.swap)
         renamed = [(b, names[j]) for j, b in zip(to_copy, fresh) if j < full]
-
-        def landed():
-            for block, name in renamed:
-                self.device.name(block, name)
-            self.host.drop(host_sources)
-
-        self._after(request.swap, landed)
+        self._after_success(request.swap, lambda: [self.device.name(block, name) for block, name in renamed])
+        self._after(request.swap, lambda: self.host.drop(host_sources))
         self._release_host(request, request.swap)
         request.num_named_blocks = request.num_written_through = min(len(source), full)
         self.stats.resume_device_blocks += len(cached)
@@ -340,6 +334,7 @@ class KVManager:
 
     def release(self, request: Request) -> None:
         """Give back every block of a finished, aborted or recomputed request; keep what is worth caching."""
+        self._lost.pop(request.request_id, None)
         handle = request.swap
         if self.prefix_caching and self.reuse and self.write_back and self.ready(request):
             handle = self._copy_to_host(request, range(min(request.num_named_blocks, len(request.block_ids)))) or handle
@@ -358,13 +353,8 @@ class KVManager:
         sources = [request.block_ids[j] for j in wanted]
         handle = self._plan("writeback", plan_copies(sources, host_blocks))
         self._read_by(handle, sources)
-
-        def landed():
-            for j, block in zip(wanted, host_blocks):
-                self.host.name(block, names[j])
-            self.host.drop(host_blocks)
-
-        self._after(handle, landed)
+        self._after_success(handle, lambda: [self.host.name(block, names[j]) for j, block in zip(wanted, host_blocks)])
+        self._after(handle, lambda: self.host.drop(host_blocks))
         return handle
 
     def _release_device(self, request: Request, handle: int | None) -> None:
@@ -408,11 +398,18 @@ class KVManager:
         copies, self._planned = self._planned, []
         return copies
 
-    def landed(self, copy_ids: list[int]) -> None:
-        """Run the follow-up work of these copies, which the executor has seen done."""
+    def landed(self, copy_ids: list[int], failed_ids: list[int] = ()) -> None:
+        """Run the follow-up work of these copies, which the executor has seen done, or failed: then what they
+        were writing is released unpublished, and the requests they paused or resumed are lost (`take_lost`)."""
         for copy_id in copy_ids:
-            for fn in self._pending.pop(copy_id, ()):
-                fn()
+            self._end(copy_id, ok=True)
+        for copy_id in failed_ids:
+            self._end(copy_id, ok=False)
+
+    def take_lost(self) -> list[Request]:
+        """Requests whose KV a failed copy left incomplete, since the last call: the scheduler recomputes them."""
+        lost, self._lost = list(self._lost.values()), {}
+        return lost
 
     def wait_for_copies(self) -> None:
         """Settle the oldest copy in flight, if any (when nothing else can make progress)."""
@@ -424,8 +421,9 @@ class KVManager:
         while self._pending:
             self._settle(next(iter(self._pending)))
 
-    def _plan(self, kind: str, runs: list[Run]) -> int | None:
-        """Plan a copy; its id while it is in flight, None if it counts as done at once (fenced)."""
+    def _plan(self, kind: str, runs: list[Run], owner: Request | None = None) -> int | None:
+        """Plan a copy (pausing or resuming `owner`); its id while it is in flight, None if it counts as done at
+        once (fenced)."""
         if not runs:
             return None
         copy = Copy(next(self._copy_ids), kind, runs, self.swapper.synchronous(sum(n for _, _, n in runs)))
@@ -433,6 +431,8 @@ class KVManager:
         if copy.fenced:
             return None
         self._pending[copy.copy_id] = []
+        if owner is not None:
+            self._owners[copy.copy_id] = owner
         return copy.copy_id
 
     def _settle(self, copy_id: int) -> None:
@@ -440,16 +440,30 @@ class KVManager:
         planned = next((c for c in self._planned if c.copy_id == copy_id), None)
         if planned is not None:
             planned.fenced = True
-        else:
-            self.swapper.wait(copy_id)
+        self._end(copy_id, ok=planned is not None or self.swapper.wait(copy_id))
+
+    def _end(self, copy_id: int, ok: bool) -> None:
+        owner = self._owners.pop(copy_id, None)
+        if copy_id not in self._pending:
+            return
+        if not ok:
+            self.stats.copy_failures += 1
+            self._failed.add(copy_id)
+            if owner is not None:
+                self._lost[owner.request_id] = owner
         for fn in self._pending.pop(copy_id):
             fn()
+        self._failed.discard(copy_id)
 
     def _after(self, copy_id: int | None, fn: Callable[[], None]) -> None:
         if copy_id in self._pending:
             self._pending[copy_id].append(fn)
         else:
             fn()
+
+    def _after_success(self, copy_id: int | None, fn: Callable[[], None]) -> None:
+        """Publishing what the copy wrote: skipped if it failed."""
+        self._after(copy_id, lambda: None if copy_id in self._failed else fn())
 
     def _time_swap(self, request: Request, copy_id: int | None) -> None:
         """Add the copy's duration (as observed: until the iteration that finds it done) to the request's."""

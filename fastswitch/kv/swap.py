@@ -16,6 +16,7 @@ A fenced copy completes before anything issued after it: inline on CPU; on CUDA 
 and the other direction's stream wait for its event, so the host does not stall.
 """
 
+import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,7 @@ import torch
 from fastswitch.messages import Copy, Run
 from fastswitch.stats import EngineStats
 
+log = logging.getLogger(__name__)
 MODES = ("fastswitch", "baseline")
 # On CPU, handing a copy to the worker thread costs about 0.1 ms, more than copying 4 MiB inline does.
 INLINE_COPY_BYTES = 4 << 20
@@ -36,21 +38,33 @@ def inline_copy_bytes(cuda: bool, asynchronous: bool) -> float:
 
 
 class SwapHandle:
-    """A copy in flight; `done()` never blocks."""
+    """A copy in flight; `done()` never blocks. A copy that failed (the copy thread raised, a CUDA error) is
+    done, and `failed` says so."""
 
     def __init__(self, future: Future | None = None, event: "torch.cuda.Event | None" = None):
         self._future, self._event = future, event
+        self.failed = False
 
     def done(self) -> bool:
         if self._future is not None:
-            return self._future.done()
-        return self._event is None or self._event.query()
+            if not self._future.done():
+                return False
+            self.failed = self._future.exception() is not None
+            return True
+        try:
+            return self._event is None or self._event.query()
+        except RuntimeError:  # a CUDA error, reported by the event
+            self.failed = True
+            return True
 
     def wait(self) -> None:
-        if self._future is not None:
-            self._future.result()
-        elif self._event is not None:
-            self._event.synchronize()
+        try:
+            if self._future is not None:
+                self._future.result()
+            elif self._event is not None:
+                self._event.synchronize()
+        except Exception:
+            self.failed = True
 
 
 class SwapManager:
@@ -80,20 +94,25 @@ class SwapManager:
                                   blocks * self.device_pool.shape[1] * 2 if self.mode == "baseline" else len(copy.runs))
             self._start(copy, src, dst, "out" if outward else "in")
 
-    def finished(self) -> list[int]:
-        """The asynchronous copies done since the last call (never blocks)."""
-        done = [copy_id for copy_id, handle in self._handles.items() if handle.done()]
-        for copy_id in done:
+    def finished(self) -> tuple[list[int], list[int]]:
+        """The asynchronous copies done since the last call, and those that failed (never blocks)."""
+        ended = [(copy_id, handle) for copy_id, handle in self._handles.items() if handle.done()]
+        for copy_id, handle in ended:
             del self._handles[copy_id]
-        return done
+            if handle.failed:
+                log.error("KV copy %d failed: what it was moving is recomputed", copy_id)
+        return [i for i, h in ended if not h.failed], [i for i, h in ended if h.failed]
 
-    def wait(self, copy_id: int) -> None:
-        """Block the compute path until the copy is done, counting the time as stall."""
+    def wait(self, copy_id: int) -> bool:
+        """Block the compute path until the copy is done, counting the time as stall; False if it failed."""
         handle = self._handles.pop(copy_id, None)
         if handle is not None and not handle.done():
             start = time.perf_counter()
             handle.wait()
             self.stats.stall_s += time.perf_counter() - start
+        if handle is not None and handle.failed:
+            log.error("KV copy %d failed: what it was moving is recomputed", copy_id)
+        return handle is None or not handle.failed
 
     def measure_bandwidth(self, max_bytes: int = 64 << 20) -> float:
         """Bytes per second of one large device -> host -> device round trip, timed at start-up."""

@@ -30,6 +30,7 @@ COUNTERS = {  # EngineStats field -> (metric name, help)
     "resume_recomputed_tokens": ("resume_recomputed_tokens", "Tokens resumes found in neither tier (recomputed)"),
     "writeback_blocks": ("writeback_blocks", "Blocks copied to the host tier by write-through and write-back"),
     "recompute_fallbacks": ("recompute_fallbacks", "Swap preemptions the host tier could not hold whole"),
+    "copy_failures": ("copy_failures", "KV copies that failed (their requests recomputed, nothing served from them)"),
     "stall_s": ("stall_seconds", "Time the compute path waited on copies"),
     "iterations": ("iterations", "Scheduling iterations that ran the model"),
 }

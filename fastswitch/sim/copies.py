@@ -67,18 +67,19 @@ class SimCopyEngine:
             else:
                 self._ends[copy.copy_id] = end
 
-    def finished(self) -> list[int]:
-        """The asynchronous copies the clock has passed the end of since the last call."""
+    def finished(self) -> tuple[list[int], list[int]]:
+        """The asynchronous copies the clock has passed the end of since the last call; none fail."""
         now = self.clock.now()
         done = [copy_id for copy_id, end in self._ends.items() if end <= now]
         for copy_id in done:
             del self._ends[copy_id]
-        return done
+        return done, []
 
-    def wait(self, copy_id: int) -> None:
+    def wait(self, copy_id: int) -> bool:
         end = self._ends.pop(copy_id, None)
         if end is not None:
             self._stall_until(end)
+        return True
 
     def close(self) -> None:
         self._ends.clear()

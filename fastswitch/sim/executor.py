@@ -30,13 +30,13 @@ class CostModelExecutor:
                 samplers.append(s.request_id)
                 self.num_tokens[s.request_id] += 1
         self.clock.sleep(self.cost.seconds(batch))
-        return ModelOutput(samplers, [TOKEN_ID] * len(samplers), [None] * len(samplers), self.copies.finished())
+        return ModelOutput(samplers, [TOKEN_ID] * len(samplers), [None] * len(samplers), *self.copies.finished())
 
     def synchronous(self, num_blocks: int) -> bool:
         return self.copies.synchronous(num_blocks)
 
-    def wait(self, copy_id: int) -> None:
-        self.copies.wait(copy_id)
+    def wait(self, copy_id: int) -> bool:
+        return self.copies.wait(copy_id)
 
     def close(self) -> None:
         self.copies.close()
