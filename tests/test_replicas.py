@@ -100,11 +100,11 @@ def test_replicas_split_the_cores_and_refuse_more_replicas_than_cores(llama_dir)
     assert result.returncode == 2 and "CPU cores" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_consistent_hashing_routes_without_smgs_overload_protection():
+def test_the_router_runs_without_smgs_overload_protection():
     """A busy FastSwitch runs with its KV pool full and requests waiting, which SMG's overload protection takes
-    for a worker to avoid: under consistent hashing that would move conversations away from their history."""
-    from fastswitch.server.replicas import router_command
+    for a worker to avoid: it would move conversations away from their history."""
+    from fastswitch.server.replicas import ROUTER_POLICIES, router_command
 
     workers = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
-    assert "--disable-worker-overload-protection" in router_command("consistent_hashing", "h", 0, workers, [])
-    assert "--disable-worker-overload-protection" not in router_command("round_robin", "h", 0, workers, [])
+    for policy in ROUTER_POLICIES:
+        assert "--disable-worker-overload-protection" in router_command(policy, "h", 0, workers, [])
