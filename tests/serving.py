@@ -12,10 +12,23 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def free_port() -> int:
+def free_port(following: int = 0) -> int:
+    """A free loopback port, and (`following`) the next that many free too, as `fastswitch replicas` takes them."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if all(_free(port + i) for i in range(1, following + 1)):
+            return port
+
+
+def _free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class Server:

@@ -22,7 +22,7 @@ class Replicas(Server):
     """`fastswitch replicas` in a child process; `output()` and `stop()` as for a server."""
 
     def __init__(self, model_dir: str, *extra: str):  # not Server's: readiness is the launcher's line
-        self.port = free_port()
+        self.port = free_port(following=2)  # the replicas take the next two
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
