@@ -76,7 +76,8 @@ def test_rejected_and_timed_out_requests_are_misses_outside_the_latencies(tmp_pa
     assert f"| {3 / 8:.1%} | 3 | 1 |" in report.table([{"label": "x", "summary": s}])
     report.write(tmp_path, {"label": "x", "summary": s}, records)
     assert load(tmp_path)["ttft_quantiles"][-1] == 1.5 and load_requests(tmp_path)[7]["outcome"] == "rejected"
-    assert (tmp_path / "priority_levels.png") in report.plot([load(tmp_path)], tmp_path)
+    plots = report.plot([load(tmp_path)], tmp_path)
+    assert (tmp_path / "priority_levels.png") in plots and (tmp_path / "cached_prompt_share.png") in plots
 
 
 def test_jain_index_is_one_when_service_is_equal_and_falls_as_one_user_gets_more():

@@ -207,7 +207,8 @@ def _ratio(a: float | None, b: float | None, fmt: str) -> str:
 
 
 def plot(runs: list[dict], out_dir: Path) -> list[Path]:
-    """TTFT CDFs, tail-latency bars, swap traffic and per-priority-level P99 TTFT and SLO attainment."""
+    """TTFT CDFs, tail-latency bars, swap traffic, the history hit, and per-priority-level P99 TTFT and SLO
+    attainment."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,6 +245,13 @@ def plot(runs: list[dict], out_dir: Path) -> list[Path]:
     ax.tick_params(axis="x", rotation=20)
     ax.legend()
     paths.append(_save(fig, out_dir / "swap_bytes.png"))
+
+    if any(r["summary"].get("cached_prompt_share") is not None for r in runs):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.bar(labels, [100 * (r["summary"].get("cached_prompt_share") or 0) for r in runs])
+        ax.set(ylabel="% of prompt tokens", ylim=(0, 100), title="Prompt tokens served from cached KV (history hit)")
+        ax.tick_params(axis="x", rotation=20)
+        paths.append(_save(fig, out_dir / "cached_prompt_share.png"))
 
     levels = sorted({p for run in runs for p in run["summary"].get("ttft_p99_by_priority", {})}, key=int)
     if levels:
