@@ -45,6 +45,14 @@ class Copy(msgspec.Struct, array_like=True):
     runs: list[Run]
     fenced: bool  # must be complete before the step's later copies and its forward (else: asynchronous)
 
+    @property
+    def num_blocks(self) -> int:
+        return sum(n for _, _, n in self.runs)
+
+    def operations(self, mode: str, num_layers: int) -> int:
+        """Copy operations it takes: one per run (`fastswitch`), one per block, layer and K/V (`baseline`)."""
+        return self.num_blocks * num_layers * 2 if mode == "baseline" else len(self.runs)
+
 
 class SchedulerOutput(msgspec.Struct):
     iteration: int

@@ -288,7 +288,6 @@ class Scheduler:
     def _recompute_lost(self, request: Request) -> None:
         """A copy of this request's KV failed: drop what it holds (writing none of it back) and compute it
         again, from whatever prefix the caches still hold intact."""
-        log.warning("%s: a copy of its KV failed; it is recomputed", request.request_id)
         if request.status == Status.RUNNING:
             self.running.remove(request)
             request.paused_at = self.clock.now()

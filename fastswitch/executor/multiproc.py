@@ -24,7 +24,7 @@ import zmq
 from fastswitch.config import EngineConfig, format_cores
 from fastswitch.executor.rank import Call, Reply
 from fastswitch.interfaces import ExecutorDied
-from fastswitch.kv.swap import inline_copy_bytes
+from fastswitch.kv.swap import inline_copy_bytes, made_inline
 from fastswitch.messages import ModelOutput, SchedulerOutput
 from fastswitch.model.config import ModelConfig
 from fastswitch.model.demo import default_model_path
@@ -86,9 +86,7 @@ class MultiprocExecutor:
 
     def execute(self, step: SchedulerOutput) -> ModelOutput:
         for copy in step.copies:
-            blocks = sum(n for _, _, n in copy.runs)
-            operations = blocks * self.num_layers * 2 if self.mode == "baseline" else len(copy.runs)
-            self.stats.count_copy(copy.kind, blocks, self.block_bytes, operations)
+            self.stats.count_copy(copy.kind, copy.num_blocks, self.block_bytes, copy.operations(self.mode, self.num_layers))
         start = time.perf_counter()
         replies = self._call(Call("execute", step))
         self.seam_s += time.perf_counter() - start - max(reply.number for reply in replies)
@@ -105,7 +103,7 @@ class MultiprocExecutor:
         return output
 
     def synchronous(self, num_blocks: int) -> bool:
-        return self.mode == "baseline" or num_blocks * self.block_bytes < self.inline_bytes
+        return made_inline(self.mode, num_blocks * self.block_bytes, self.inline_bytes)
 
     def wait(self, copy_id: int) -> bool:
         start = time.perf_counter()

@@ -24,6 +24,7 @@ released only once that copy is done; a name is published only once the KV behin
 """
 
 import itertools
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,7 @@ from fastswitch.messages import Copy, Run
 from fastswitch.request import Request
 from fastswitch.stats import EngineStats
 
+log = logging.getLogger(__name__)
 GROWTH_HORIZON = 256  # output tokens a request's block group is sized for, at most
 
 
@@ -447,6 +449,8 @@ class KVManager:
         if copy_id not in self._pending:
             return
         if not ok:
+            log.error("KV copy %d failed: nothing it wrote is used; %s", copy_id,
+                      f"{owner.request_id} is recomputed" if owner is not None else "it was a write-back")
             self.stats.copy_failures += 1
             self._failed.add(copy_id)
             if owner is not None:

@@ -16,7 +16,6 @@ A fenced copy completes before anything issued after it: inline on CPU; on CUDA 
 and the other direction's stream wait for its event, so the host does not stall.
 """
 
-import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +25,6 @@ import torch
 from fastswitch.messages import Copy, Run
 from fastswitch.stats import EngineStats
 
-log = logging.getLogger(__name__)
 MODES = ("fastswitch", "baseline")
 # On CPU, handing a copy to the worker thread costs about 0.1 ms, more than copying 4 MiB inline does.
 INLINE_COPY_BYTES = 4 << 20
@@ -35,6 +33,11 @@ INLINE_COPY_BYTES = 4 << 20
 def inline_copy_bytes(cuda: bool, asynchronous: bool) -> float:
     """Copies smaller than this are made inline, on the compute path."""
     return math.inf if not asynchronous else 0 if cuda else INLINE_COPY_BYTES
+
+
+def made_inline(mode: str, num_bytes: int, inline_bytes: float) -> bool:
+    """Whether a copy of `num_bytes` is made on the compute path: every baseline copy, and small ones."""
+    return mode == "baseline" or num_bytes < inline_bytes
 
 
 class SwapHandle:
@@ -83,15 +86,14 @@ class SwapManager:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastswitch-swap")
 
     def synchronous(self, num_blocks: int) -> bool:
-        return self.mode == "baseline" or num_blocks * self.block_bytes < self.inline_bytes
+        return made_inline(self.mode, num_blocks * self.block_bytes, self.inline_bytes)
 
     def start(self, copies: list[Copy]) -> None:
         for copy in copies:
             outward = copy.kind in ("out", "writeback")
             src, dst = (self.device_pool, self.host_pool) if outward else (self.host_pool, self.device_pool)
-            blocks = sum(n for _, _, n in copy.runs)
-            self.stats.count_copy(copy.kind, blocks, self.block_bytes,
-                                  blocks * self.device_pool.shape[1] * 2 if self.mode == "baseline" else len(copy.runs))
+            self.stats.count_copy(copy.kind, copy.num_blocks, self.block_bytes,
+                                  copy.operations(self.mode, self.device_pool.shape[1]))
             self._start(copy, src, dst, "out" if outward else "in")
 
     def finished(self) -> tuple[list[int], list[int]]:
@@ -99,8 +101,6 @@ class SwapManager:
         ended = [(copy_id, handle) for copy_id, handle in self._handles.items() if handle.done()]
         for copy_id, handle in ended:
             del self._handles[copy_id]
-            if handle.failed:
-                log.error("KV copy %d failed: what it was moving is recomputed", copy_id)
         return [i for i, h in ended if not h.failed], [i for i, h in ended if h.failed]
 
     def wait(self, copy_id: int) -> bool:
@@ -110,8 +110,6 @@ class SwapManager:
             start = time.perf_counter()
             handle.wait()
             self.stats.stall_s += time.perf_counter() - start
-        if handle is not None and handle.failed:
-            log.error("KV copy %d failed: what it was moving is recomputed", copy_id)
         return handle is None or not handle.failed
 
     def measure_bandwidth(self, max_bytes: int = 64 << 20) -> float:
@@ -130,7 +128,7 @@ class SwapManager:
     def _start(self, copy: Copy, src: torch.Tensor, dst: torch.Tensor, direction: str) -> None:
         if not copy.runs:
             return
-        if copy.fenced and (not self.cuda or self.synchronous(sum(n for _, _, n in copy.runs))):
+        if copy.fenced and (not self.cuda or self.synchronous(copy.num_blocks)):
             start = time.perf_counter()
             if self.mode == "baseline":
                 self._copy_per_block_and_layer(src, dst, copy.runs)

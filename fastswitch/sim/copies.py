@@ -54,10 +54,10 @@ class SimCopyEngine:
 
     def start(self, copies: list[Copy]) -> None:
         for copy in copies:
-            blocks = sum(n for _, _, n in copy.runs)
+            blocks = copy.num_blocks
             if not blocks:
                 continue
-            operations = blocks * self.num_layers * 2 if self.mode == "baseline" else len(copy.runs)
+            operations = copy.operations(self.mode, self.num_layers)
             self.stats.count_copy(copy.kind, blocks, self.block_bytes, operations)
             direction = "out" if copy.kind in ("out", "writeback") else "in"
             now = self.clock.now()
