@@ -3,8 +3,10 @@ executor seam costs per step (sending the step to every rank, gathering their re
 
 For each size, one engine decodes 8 requests of `--context` tokens together; the median
 `Engine.step()` gives the decode tokens/s. With N > 1 ranks, the seam is each step's wall time in
-the executor less the slowest rank's own time (`MultiprocExecutor.seam_s`). One rank runs on every
-core; N ranks each on their share. Writes markdown, JSON and a plot.
+the executor less the slowest rank's own time (`MultiprocExecutor.seam_s`), and the model's
+collectives are timed alone in N processes pinned as the ranks are (one all-reduce of a decode
+step's activations, one all-gather of its logit shards). One rank runs on every core; N ranks each
+on their share. Writes markdown, JSON and a plot.
 
     python benchmarks/tensor_parallel.py [--shape 0.5b] [--sizes 1,2] [--context 128] [--steps 30]
 """
@@ -12,6 +14,7 @@ core; N ranks each on their share. Writes markdown, JSON and a plot.
 import argparse
 import json
 import logging
+import os
 import random
 import statistics
 import sys
@@ -24,6 +27,7 @@ from offline_throughput import model_path  # noqa: E402
 
 from fastswitch import Engine, EngineConfig, SamplingParams  # noqa: E402
 from fastswitch.bench.machine import describe  # noqa: E402
+from fastswitch.model.config import ModelConfig  # noqa: E402
 
 log = logging.getLogger("bench")
 BATCH = 8
@@ -52,6 +56,44 @@ def measure(path: Path, size: int, context: int, steps: int) -> dict:
                 seam_share=statistics.median(seam) / step, engine=description)
 
 
+def collectives_us(size: int, shape) -> tuple[float, float]:
+    """Median µs of one all-reduce of [BATCH, hidden] and one all-gather of [BATCH, vocab / size], in `size`
+    processes pinned to their share of the cores with one thread each, over gloo."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        results = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_time_collectives, args=(size, shape.hidden_size, -(-shape.vocab_size // size), folder, results),
+                 nprocs=size)
+        return results.get()
+
+
+def _time_collectives(rank: int, size: int, hidden: int, vocab_rows: int, folder: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from fastswitch.config import EngineConfig
+
+    cores = EngineConfig(device="cpu", tensor_parallel_size=size).rank_cores()[rank]
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=size)
+    x, y = torch.randn(BATCH, hidden), torch.randn(BATCH, vocab_rows)
+    timings = []
+    for op in (lambda: dist.all_reduce(x), lambda: dist.all_gather([torch.empty_like(y) for _ in range(size)], y)):
+        times = []
+        for _ in range(60):
+            start = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - start)
+        timings.append(1e6 * statistics.median(times[10:]))
+    if rank == 0:
+        results.put(tuple(timings))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="0.5b")
@@ -64,7 +106,11 @@ def main() -> None:
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         log.info("%s: %d rank(s), batch %d at context %d", args.shape, size, BATCH, args.context)
-        rows.append(measure(model_path(args.shape), size, args.context, args.steps))
+        row = measure(model_path(args.shape), size, args.context, args.steps)
+        if size > 1:
+            row["all_reduce_us"], row["all_gather_us"] = collectives_us(size, ModelConfig.from_folder(
+                model_path(args.shape), need_weights=False))
+        rows.append(row)
     write(rows, args)
 
 
@@ -77,11 +123,12 @@ def write(rows: list[dict], args) -> None:
     header = (f"# Tensor parallelism, {args.shape}, {date.today()}\n\nMachine: {describe()}\n\nCommand: `{command}`\n\n"
               f"Median `Engine.step()` of {BATCH} requests decoding at context {args.context} ({args.steps} steps); "
               "the seam: each step's time in the executor less the slowest rank's own.\n\n")
-    table = ["| ranks | step ms | decode tok/s | vs 1 rank | seam µs / step | seam share of the step | engine |",
-             "|---:|---:|---:|---:|---:|---:|---|"]
+    table = ["| ranks | step ms | decode tok/s | vs 1 rank | seam µs / step | seam share of the step | all-reduce µs "
+             "| logits all-gather µs | engine |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        collectives = f"{r['all_reduce_us']:.0f} | {r['all_gather_us']:.0f}" if "all_reduce_us" in r else "— | —"
         table.append(f"| {r['ranks']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x "
-                     f"| {r['seam_us']:.0f} | {100 * r['seam_share']:.2f}% | {r['engine']} |")
+                     f"| {r['seam_us']:.0f} | {100 * r['seam_share']:.2f}% | {collectives} | {r['engine']} |")
     (out / f"{name}.md").write_text(header + "\n".join(table) + "\n")
     (out / f"{name}.json").write_text(json.dumps({"machine": describe(), "command": command, "rows": rows}, indent=2))
     plot(rows, out / f"{name}.png")

@@ -48,7 +48,7 @@ def router_command(policy: str, host: str, port: int, workers: list[str], extra:
     its KV usage is at 0.8 or 8 requests wait: a busy FastSwitch is there by design (its pool runs full, paused
     requests wait on the host tier), so the protection moves conversations between replicas and their history
     is left behind (measured, 120 conversations past capacity: 57% of prompt tokens cached with it under
-    consistent_hashing, 77% without, as on one replica; cache_aware 55% and 76%)."""
+    consistent_hashing, 77% without, as on one replica; cache_aware 56% and 76.5%)."""
     smg = shutil.which("smg")
     if smg is None:
         raise ValueError("the router is not installed: pip install 'fastswitch[router]' (SMG)")
