@@ -50,8 +50,8 @@ class Policy:
         """Whether `request`, ranked above `victim`, may take its place."""
         return True
 
-    def guarded(self, request: Request) -> bool:
-        """Whether a running request is safe from preemption for now, whoever outranks it."""
+    def guarded(self, request: Request, by: Request) -> bool:
+        """Whether a running request is safe for now from being preempted by `by`, which outranks it."""
         return False
 
 
@@ -126,10 +126,14 @@ class SLOPolicy(Policy):
     it cannot start in time, which bounds its wait.
 
     A request takes the place of running ones ranked below it when it finds no room otherwise, but a
-    stream that has begun yields only to a higher level's request: a request of its own level waits for
-    room. A paused stream is thus back within PAUSE_LIMIT T (plus its copy-in and a step) of its last
-    token as long as higher levels leave it room. A request resumed less than 1 /
-    `max_preemptions_per_s` seconds ago is not preempted again (the thrash guard)."""
+    stream that has begun yields only to a higher level's request, or to a first token of its own level
+    when the stream is at least PAUSE_LIMIT T ahead of its schedule (its pause then costs it no mean-TBT
+    target, and it is back within PAUSE_LIMIT T of its last token); it never yields to a stream of its
+    level. A paused stream is thus back within PAUSE_LIMIT T (plus its copy-in and a step) of its last
+    token as long as its level and the higher ones leave it room; each such pause uses up its lead, so a
+    stream yields to its own level only a bounded number of times. A request resumed less than 1 /
+    `max_preemptions_per_s` seconds ago is not preempted again by its own level or a lower one (the
+    thrash guard); a higher level cannot be displaced back, so it needs no guard."""
 
     name = "slo"
 
@@ -146,8 +150,11 @@ class SLOPolicy(Policy):
         ttft = self.slo.ttft(request.priority)
         if request.first_token_time is None:
             return request.metrics.arrival_time + ttft
-        on_schedule = request.first_token_time + request.num_output_tokens * self.slo.tbt(request.priority)
-        return min(on_schedule, request.last_token_time + PAUSE_LIMIT * ttft)
+        return min(self.on_schedule(request), request.last_token_time + PAUSE_LIMIT * ttft)
+
+    def on_schedule(self, stream: Request) -> float:
+        """When a begun stream's next token is due to keep its mean time between tokens on target."""
+        return stream.first_token_time + stream.num_output_tokens * self.slo.tbt(stream.priority)
 
     def key(self, request: Request) -> tuple:
         deadline = self.deadline(request)
@@ -160,11 +167,14 @@ class SLOPolicy(Policy):
         return (request.priority, 0, latest_start, request.seq)
 
     def preempts(self, request: Request, victim: Request) -> bool:
-        """A stream that has begun yields only to a higher level."""
-        return victim.first_token_time is None or victim.priority > request.priority
+        """A stream that has begun yields to a higher level, or to its level's first token if far enough ahead."""
+        if victim.first_token_time is None or victim.priority > request.priority:
+            return True
+        lead = self.on_schedule(victim) - self.now
+        return request.first_token_time is None and lead >= PAUSE_LIMIT * self.slo.ttft(victim.priority)
 
-    def guarded(self, request: Request) -> bool:
-        return self.now - request.resumed_at < self.min_resident_s
+    def guarded(self, request: Request, by: Request) -> bool:
+        return by.priority >= request.priority and self.now - request.resumed_at < self.min_resident_s
 
 
 class TracePolicy(PriorityPolicy):

@@ -352,10 +352,10 @@ class Scheduler:
         itself, it yields. This stays live because `_charge` charges recomputed work only once."""
         while not fits():
             lower = [r for r in self.running if rank[id(r)] > rank[id(request)]]
-            victims = [r for r in lower if self._unguarded(r) and self.kv.ready(r)
+            victims = [r for r in lower if self._unguarded(r, request) and self.kv.ready(r)
                        and (growing or self.policy.preempts(request, r))]
             if not victims:
-                if growing and not lower and self._unguarded(request):
+                if growing and not lower and self._unguarded(request, request):
                     self._take_back(request, taken, out)
                     self.preempt(request)
                     out.preempted.append(request)
@@ -366,8 +366,8 @@ class Scheduler:
             out.preempted.append(victim)
         return True
 
-    def _unguarded(self, request: Request) -> bool:
-        return self.iteration - request.resumed_iteration > self.thrash_guard and not self.policy.guarded(request)
+    def _unguarded(self, request: Request, by: Request) -> bool:
+        return self.iteration - request.resumed_iteration > self.thrash_guard and not self.policy.guarded(request, by)
 
     def _take_back(self, request: Request, taken: set[int], out: _Plan) -> None:
         """Undo scheduling `request` earlier in this iteration (a decode served before its turn)."""
