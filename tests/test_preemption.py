@@ -23,6 +23,8 @@ def run_with_random_preemptions(llm: LLM, prompts, seed: int, mode: str = "swap"
         running = [r.request_id for r in engine.core.scheduler.running]
         if running and rng.random() < 0.4:
             engine.preempt(rng.choice(running), mode)
+            if rng.random() < 0.5:  # else it may be resumed while its pause is still copying it out
+                engine.core.kv.drain()
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.token_ids

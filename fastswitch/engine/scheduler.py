@@ -6,7 +6,8 @@ ranking, best first, each request gets what it needs to make progress:
 - a running request gets its next chunk (its tokens without KV, capped by the iteration's token
   budget): the prompt or a chunk of it, then one token per decode. Decodes are served before prefill
   chunks, so a long prompt never stalls running requests' next tokens;
-- a paused request is resumed (its KV copied back; it runs once the copy has landed);
+- a paused request is resumed (its KV copied back; it runs once the copy has landed; on the tiered
+  path its pause's own copy to the host need not have landed first);
 - a waiting request is started after whatever prefix of it is cached.
 
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
@@ -131,7 +132,7 @@ class Scheduler:
                 self._run(request, n, out, taken)
             elif request.preempted_iteration == self.iteration:  # not to be brought back in the same iteration
                 continue
-            elif status == Status.SWAPPED and not blocked and self.kv.ready(request):
+            elif status == Status.SWAPPED and not blocked and self.kv.resumable(request):
                 blocked = not self._resume(request, rank, taken, out)
             elif status == Status.WAITING and not blocked:
                 admitted = self._admit(request, rank, taken, out)

@@ -100,6 +100,11 @@ class KVManager:
         """False while the request's KV is still being copied in, or once a copy of it failed."""
         return request.swap not in self._pending and request.request_id not in self._lost
 
+    def resumable(self, request: Request) -> bool:
+        """Whether a paused request can be resumed now: on the tiered path at once (the device still holds
+        what its pause is copying to the host), otherwise once its swap-out has landed."""
+        return request.request_id not in self._lost and (self.tiered or self.ready(request))
+
     # -- starting a request: reuse its cached prefix --------------------------------------------
 
     def admit(self, request: Request, budget: int) -> tuple[int, int] | None:
@@ -223,8 +228,8 @@ class KVManager:
     def swap_in(self, request: Request) -> int | None:
         """Resume a paused request: start bringing its KV back. Returns the tokens whose KV it gets back (the
         scheduler's new `num_computed_tokens`; the tiered path may recompute a lost tail), or None, changing
-        nothing, if its swap-out is in flight or device blocks are short."""
-        if not self.ready(request):
+        nothing, if it cannot be resumed yet (`resumable`) or device blocks are short."""
+        if not self.resumable(request):
             return None
         if self.tiered:
             return self._resume(request)
@@ -302,7 +307,10 @@ class KVManager:
 
     def _resume(self, request: Request) -> int | None:
         """Take back the blocks the device still caches, copy in what only the host has, and leave the rest
-        (from the first block neither tier holds) to be recomputed."""
+        (from the first block neither tier holds) to be recomputed. A pause whose copy to the host is still in
+        flight does not hold the resume back: its full blocks are still cached on the device (evicting one
+        settles that copy first), and its partly filled block, not yet on the host, is recomputed."""
+        copying_out = request.swap in self._pending
         computed, full = request.num_computed_tokens, request.num_computed_tokens // self.block_size
         names = self._names(request)[:full]
         source: list[tuple[str, int]] = []  # per block: ("device" | "host", block)
@@ -313,7 +321,7 @@ class KVManager:
             if block is None:
                 break
             source.append((where, block))
-        if len(source) == full and request.host_tokens == computed and request.host_block_ids:
+        if len(source) == full and request.host_tokens == computed and request.host_block_ids and not copying_out:
             source.append(("host", request.host_block_ids[0]))  # the partial block, the request's own
         cached = [b for where, b in source if where == "device"]
         to_copy = [j for j, (where, _) in enumerate(source) if where == "host"]
