@@ -73,39 +73,6 @@ def test_memory_pressure_preempts_no_more_than_needed():
     assert "urgent" in names(out.scheduled)
 
 
-def test_of_the_lowest_level_the_request_the_host_holds_most_of_is_paused():
-    """Alike by priority, the earliest arrival was paused and resumed before, so the host still holds
-    its KV: pausing it copies almost nothing, and it goes before the latest arrival, whose KV is new."""
-    s = make_scheduler(max_num_seqs=3)
-    first = request("first", priority=2, arrival=0)
-    s.add(first)
-    step(s)
-    s.preempt(first)
-    while first.status != Status.RUNNING:
-        step(s)
-    for i in (1, 2):
-        s.add(request(f"later{i}", priority=2, arrival=i))
-    step(s)
-    assert s.kv.host_lacks(first) < min(s.kv.host_lacks(r) for r in s.running if r is not first)
-    s.add(request("urgent", priority=0, arrival=3))
-    assert names(step(s).preempted_ids) == ["first"]
-
-
-def test_with_aging_every_rank_is_its_own_level_and_the_lowest_is_paused():
-    s = make_scheduler(max_num_seqs=3, policy=PriorityPolicy(aging_s=100.0))
-    first = request("first", priority=2, arrival=0)
-    s.add(first)
-    step(s)
-    s.preempt(first)
-    while first.status != Status.RUNNING:
-        step(s)
-    for i in (1, 2):
-        s.add(request(f"later{i}", priority=2, arrival=i))
-    step(s)
-    s.add(request("urgent", priority=0, arrival=3))
-    assert names(step(s).preempted_ids) == ["later2"]
-
-
 def test_a_just_resumed_request_is_not_preempted_again_within_the_guard():
     s = make_scheduler(max_num_seqs=1, guard=3)
     b = request("b", priority=2)

@@ -291,31 +291,6 @@ def test_resuming_takes_back_what_the_device_still_caches_and_copies_only_the_re
     assert torch.equal(read(kv, r), torch.stack([kv_of(t) for t in range(30)]))
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True])
-def test_host_lacks_counts_the_blocks_a_pause_would_copy_out(prefix_caching):
-    kv = make_kv("fastswitch", 16, 16, prefix_caching=prefix_caching)
-    r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)
-    kv.grow(r, 30)
-    compute(kv, r, 30)
-    assert kv.host_lacks(r) == 8  # 7 full blocks and the partial one, none on the host yet
-    copied = kv.stats.swap_out_blocks
-    assert kv.swap_out(r)
-    settle(kv, r)
-    assert kv.stats.swap_out_blocks - copied == 8
-    assert kv.swap_in(r) is not None
-    settle(kv, r)
-    # just back: the host still holds all of it, but on the tiered path the partly filled block, the
-    # request's own, is dropped from the host once it is back (it changes with the next token)
-    assert kv.host_lacks(r) == (1 if prefix_caching else 0)
-    kv.grow(r, 3)
-    compute(kv, r, 3)  # the partial block fills up: its host copy is stale, and a new one begins
-    assert kv.host_lacks(r) == 2
-    copied = kv.stats.swap_out_blocks
-    assert kv.swap_out(r)
-    settle(kv, r)
-    assert kv.stats.swap_out_blocks - copied == 2
-
-
 def test_a_resume_does_not_wait_for_its_pause_to_reach_the_host():
     kv = make_kv("fastswitch", 16, 16, prefix_caching=True)
     r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)

@@ -3,7 +3,6 @@
 - `fcfs`: arrival order.
 - `priority`: the request's integer priority, lower first (vLLM's convention), ties by arrival; with
   aging, a request rises one level per `aging_s` seconds since its arrival (see PriorityPolicy).
-  Strict priority makes every request of a priority alike for choosing whom to pause (`level`).
 - `vtc`: per-user fair share with virtual token counters (Sheng et al., OSDI'24): a user's counter
   grows by `input_weight` per prompt token computed and `output_weight` per token generated, divided
   by the user's weight; a user who becomes active again is lifted to the smallest counter among
@@ -47,11 +46,6 @@ class Policy:
     def on_iteration(self, requests: list[Request]) -> None:
         """Called once per scheduling iteration, before ranking."""
 
-    def level(self, request: Request) -> tuple:
-        """What of its rank says how much the request matters: among the lowest-ranked running requests of
-        one level, the scheduler pauses the cheapest (the one whose KV the host holds most of)."""
-        return self.key(request)
-
     def preempts(self, request: Request, victim: Request) -> bool:
         """Whether `request`, ranked above `victim`, may take its place."""
         return True
@@ -82,9 +76,6 @@ class PriorityPolicy(Policy):
         if self.aging_s:
             return (arrival + request.priority * self.aging_s, arrival, request.seq)
         return (request.priority, arrival, request.seq)
-
-    def level(self, request: Request) -> tuple:
-        return self.key(request) if self.aging_s else (request.priority,)
 
 
 class VTCPolicy(Policy):

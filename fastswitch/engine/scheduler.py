@@ -12,7 +12,7 @@ ranking, best first, each request gets what it needs to make progress:
 
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
 preempted, lowest first, only as many as needed (even one given its decode earlier in the same
-iteration; among those the policy ranks alike, the one whose KV the host holds most of), except those resumed within the last `thrash_guard` iterations and those the policy
+iteration), except those resumed within the last `thrash_guard` iterations and those the policy
 guards (`slo`: resumed too few seconds ago). A paused or waiting request that still does not fit
 blocks everyone ranked below it from starting, so a large high-ranked request is not starved by
 small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
@@ -361,20 +361,11 @@ class Scheduler:
                     self.preempt(request)
                     out.preempted.append(request)
                 return False
-            victim = self._cheapest_lowest(victims, rank)
+            victim = max(victims, key=lambda r: rank[id(r)])
             self._take_back(victim, taken, out)
             self.preempt(victim)
             out.preempted.append(victim)
         return True
-
-    def _cheapest_lowest(self, victims: list[Request], rank: dict[int, int]) -> Request:
-        """The lowest-ranked victim, or of the victims the policy ranks alike with it (`Policy.level`), the
-        one whose KV the host holds most of: pausing it copies least, and it loses least if evicted."""
-        lowest = max(victims, key=lambda r: rank[id(r)])
-        alike = [r for r in victims if self.policy.level(r) == self.policy.level(lowest)]
-        if len(alike) == 1:
-            return lowest
-        return min(alike, key=lambda r: (self.kv.host_lacks(r), -rank[id(r)]))
 
     def _unguarded(self, request: Request, by: Request) -> bool:
         return self.iteration - request.resumed_iteration > self.thrash_guard and not self.policy.guarded(request, by)

@@ -244,16 +244,6 @@ class KVManager:
             self._release_host(request, request.swap)
         return request.num_computed_tokens
 
-    def host_lacks(self, request: Request) -> int:
-        """Blocks of a running request's KV that the host holds no current copy of: what pausing it by swap
-        copies out (victims by cost: the fewer, the cheaper to pause)."""
-        computed, block = request.num_computed_tokens, self.block_size
-        n_blocks = -(-computed // block)
-        if not self.tiered:
-            return n_blocks - (n_blocks if request.host_tokens == computed else request.host_tokens // block)
-        full = computed // block
-        return sum(self.host.find(name) is None for name in self._names(request)[:full]) + (n_blocks > full)
-
     def pause_trade(self, request: Request) -> tuple[int, int]:
         """What pausing a running request by swap would do that recomputing it would not: (blocks copied, out
         and back in; tokens that recomputation would compute instead).
@@ -263,9 +253,12 @@ class KVManager:
         swap copies the stale blocks out and every block back, and recomputation computes every token."""
         computed, block = request.num_computed_tokens, self.block_size
         if not self.tiered:
-            return self.host_lacks(request) + -(-computed // block), computed
+            n_blocks = -(-computed // block)
+            valid = n_blocks if request.host_tokens == computed else request.host_tokens // block
+            return n_blocks - valid + n_blocks, computed
         partial = computed % block
-        lost = 0 if self.write_back else self.host_lacks(request) - (partial > 0)
+        lost = 0 if self.write_back else sum(self.host.find(name) is None
+                                             for name in self._names(request)[: computed // block])
         return 2 * (lost + (partial > 0)), lost * block + partial
 
     # -- the tiered path: a paused request's KV lives in the caches of both tiers -----------------
