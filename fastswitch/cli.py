@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     _server_args(replicas)
     replicas.set_defaults(func=_replicas)
 
+    ranks = commands.add_parser(
+        "ranks", help="run this node's tensor-parallel ranks for an engine on node 0",
+        description="With --nnodes N > 1: on node K (1 to N - 1), start its tensor_parallel_size / N ranks, which "
+                    "meet the engine on node 0 (started with the same options and --node-rank 0) at "
+                    "--dist-init-addr; returns when they end (0), or when one fails (1).")
+    EngineConfig.add_cli_args(ranks)
+    ranks.set_defaults(func=_ranks)
+
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks; results go to stdout and files.")
     benches = bench.add_subparsers(required=True, metavar="BENCHMARK")
     swap = benches.add_parser("swap", help="cost of a context switch against the single-copy floor",
@@ -249,6 +257,16 @@ def _replicas(args) -> int:
             serve_args += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return replicas.run(config, serve_args, args.num, args.router_policy, args.host, args.port, args.router_arg,
                         args.log_level)
+
+
+def _ranks(args) -> int:
+    from fastswitch.executor.multiproc import serve_node
+
+    config = EngineConfig.from_cli_args(args)
+    if config.node_rank == 0:
+        raise ValueError("fastswitch ranks runs the ranks of nodes 1 to nnodes - 1 (--nnodes, --node-rank, "
+                         "--dist-init-addr); node 0 runs the engine itself (fastswitch serve, with --node-rank 0)")
+    return serve_node(config)
 
 
 def _serve(args) -> int:

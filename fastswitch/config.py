@@ -89,6 +89,12 @@ class EngineConfig:
                                         "over torch.distributed: gloo on CPU, each rank on its share of the cores; "
                                         "NCCL on CUDA, one GPU each): attention heads, MLP columns, vocabulary and "
                                         "KV heads (replicated when fewer than the ranks) are sharded")
+    nnodes: int = _opt(1, "machines the tensor-parallel ranks span, tensor_parallel_size / nnodes on each: the engine "
+                          "runs on node 0 with its share, `fastswitch ranks --node-rank K` on each other node")
+    node_rank: int = _opt(0, "this machine's place among nnodes (0: the one that runs the engine)")
+    dist_init_addr: str | None = _opt(None, "with nnodes > 1, HOST:PORT of node 0, where every rank meets: "
+                                            "torch.distributed's TCP rendezvous on PORT, the engine's sockets on "
+                                            "PORT+1 to PORT+1+tensor_parallel_size")
     seed: int = _opt(0, "seed of the sampler for requests without their own seed")
     cpu_cores: str | None = _opt(None, "CPU cores the engine runs on, e.g. '0-3' or '0,2,4-5': its process is pinned "
                                        "to them and runs that many threads (replicas sharing a machine each take "
@@ -99,7 +105,7 @@ class EngineConfig:
             raise ValueError(f"invalid dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
         self._check_device()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-                     "kv_cache_memory_bytes", "tensor_parallel_size"):
+                     "kv_cache_memory_bytes", "tensor_parallel_size", "nnodes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"invalid {name}={value!r}: must be a positive integer")
@@ -132,6 +138,12 @@ class EngineConfig:
             raise ValueError("device 'cuda' asked for, but CUDA is not available")
 
     def _check_ranks(self) -> None:
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide over nnodes={self.nnodes}")
+        if not (isinstance(self.node_rank, int) and 0 <= self.node_rank < self.nnodes):
+            raise ValueError(f"invalid node_rank={self.node_rank!r}: from 0 to nnodes - 1 ({self.nnodes - 1})")
+        if self.nnodes > 1:
+            self.rendezvous()
         if self.tensor_parallel_size == 1:
             return
         if not self.device.startswith("cuda"):
@@ -139,16 +151,31 @@ class EngineConfig:
             return
         import torch
 
-        if self.tensor_parallel_size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs a GPU per rank; "
-                             f"{torch.cuda.device_count()} are visible")
+        if len(self.local_ranks()) > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs {len(self.local_ranks())} GPUs "
+                             f"on this node, one per rank; {torch.cuda.device_count()} are visible")
+
+    def local_ranks(self) -> range:
+        """The tensor-parallel ranks this node runs."""
+        per_node = self.tensor_parallel_size // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(host, port) of `dist_init_addr`."""
+        host, _, port = (self.dist_init_addr or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 - 1 - self.tensor_parallel_size:
+            raise ValueError(f"invalid dist_init_addr={self.dist_init_addr!r}: nnodes={self.nnodes} needs node 0's "
+                             "HOST:PORT, where every rank meets")
+        return host, int(port)
 
     def rank_cores(self) -> list[list[int]]:
-        """CPU: each tensor-parallel rank's share of the cores (`cpu_cores`, else every core this process may use)."""
+        """CPU: each of this node's ranks' share of the cores (`cpu_cores`, else every core this process may use)."""
         cores = self.cpu_set() or sorted(os.sched_getaffinity(0))
-        size = self.tensor_parallel_size
+        size = len(self.local_ranks())
         if size > len(cores):
-            raise ValueError(f"tensor_parallel_size={size} needs a CPU core per rank; {len(cores)} available")
+            here = f", {size} on this node" if self.nnodes > 1 else ""
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs a CPU core per rank{here}; "
+                             f"{len(cores)} available")
         share = len(cores) // size
         return [cores[r * share : (r + 1) * share] for r in range(size)]
 

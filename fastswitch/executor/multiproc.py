@@ -1,22 +1,27 @@
 """Tensor parallelism's executor: one process per rank (`executor/rank.py`), each a Worker over its
 shard of the model and of both KV tiers, driven in lockstep by the engine core.
 
-Each call is encoded once and sent to every rank (a PUSH socket each, over IPC, as vLLM's
-multiprocessing executor broadcasts its step); every rank answers. The step's sampled tokens come
-from rank 0; a copy is done once every rank has reported it done. A rank that dies or fails a call
-fails the engine: the others are killed, the call raises `ExecutorDied`, no process is left behind.
+Each call is encoded once and sent to every rank (a PUSH socket each, as vLLM's multiprocessing
+executor broadcasts its step); every rank answers. The step's sampled tokens come from rank 0; a
+copy is done once every rank has reported it done. On one machine the ranks meet over IPC and a
+rendezvous file; across machines (`nnodes`) over TCP at node 0's `dist_init_addr`, the other nodes'
+ranks started there by `fastswitch ranks` (`serve_node`). A rank that dies, disconnects or fails a
+call fails the engine: the others are killed, the call raises `ExecutorDied`, no process is left
+behind on this node, and the other nodes' ranks see the engine go and exit.
 """
 
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import weakref
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import msgspec
 import zmq
@@ -36,6 +41,68 @@ LIVENESS_POLL_MS = 200  # while waiting for replies, how often the ranks are che
 CLOSE_WAIT_S = 10.0
 
 
+@dataclass(frozen=True)
+class Meeting:
+    """Where the ranks meet: torch.distributed's rendezvous, the engine core's socket for replies, and
+    each rank's socket for calls."""
+
+    init_method: str
+    replies: str
+    calls: tuple[str, ...]
+
+    @classmethod
+    def of(cls, config: EngineConfig, folder: str) -> "Meeting":
+        """On one machine, IPC and a file in the engine's private folder; across machines, TCP at node 0."""
+        size = config.tensor_parallel_size
+        if config.nnodes == 1:
+            return cls(f"file://{folder}/rendezvous", f"ipc://{folder}/replies",
+                       tuple(f"ipc://{folder}/calls-{rank}" for rank in range(size)))
+        host, port = config.rendezvous()
+        return cls(f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
+                   tuple(f"tcp://{host}:{port + 2 + rank}" for rank in range(size)))
+
+
+def bind_address(address: str) -> str:
+    """A TCP address to bind: its host as an IP address (ZeroMQ binds interfaces, not names)."""
+    if not address.startswith("tcp://"):
+        return address
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    return f"tcp://{socket.gethostbyname(host)}:{port}"
+
+
+def start_ranks(config: EngineConfig, meeting: Meeting, parent_pid: int) -> list[subprocess.Popen]:
+    """This node's ranks, as `python -m fastswitch.executor.rank` processes that die with `parent_pid`."""
+    cuda = config.device.startswith("cuda")
+    local = config.local_ranks()
+    shares = [None] * len(local) if cuda else config.rank_cores()
+    rank_config = replace(config, cpu_cores=None)  # each rank gets its share of the cores instead
+    ranks = []
+    for rank, cores in zip(local, shares):
+        argv = [sys.executable, "-m", "fastswitch.executor.rank", "--rank", str(rank),
+                "--size", str(config.tensor_parallel_size), "--parent-pid", str(parent_pid),
+                "--init-method", meeting.init_method, "--calls", meeting.calls[rank], "--replies", meeting.replies,
+                "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                *(["--cores", format_cores(cores)] if cores else []), *rank_config.to_cli_args()]
+        ranks.append(subprocess.Popen(argv))
+    return ranks
+
+
+def serve_node(config: EngineConfig) -> int:
+    """`fastswitch ranks`: run this node's ranks for the engine on node 0 until they end; 1 if any failed
+    (then the others are stopped too: a rank whose peer is gone waits in a collective forever)."""
+    ranks = start_ranks(config, Meeting.of(config, ""), os.getpid())
+    signal.signal(signal.SIGTERM, lambda *_: _stop_ranks(ranks, None, None, 0))
+    log.info("node %d: ranks %s started, meeting the engine at %s", config.node_rank,
+             list(config.local_ranks()), config.dist_init_addr)
+    while any(rank.poll() is None for rank in ranks):
+        if any(rank.returncode not in (None, 0) for rank in ranks):
+            break
+        time.sleep(LIVENESS_POLL_MS / 1000)
+    failed = any(rank.returncode not in (None, 0) for rank in ranks)
+    _stop_ranks(ranks, None, None, 0 if failed else CLOSE_WAIT_S)
+    return 1 if failed or any(rank.returncode != 0 for rank in ranks) else 0
+
+
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig, stats: EngineStats):
         self.stats, self.size, self.mode = stats, config.tensor_parallel_size, config.swap_mode
@@ -45,21 +112,28 @@ class MultiprocExecutor:
         cuda = config.device.startswith("cuda")
         self.inline_bytes = inline_copy_bytes(cuda, config.async_swap)
         self._dir = tempfile.mkdtemp(prefix="fastswitch-tp-")
+        meeting = Meeting.of(config, self._dir)
         self._context = zmq.Context()
         self._calls = [self._context.socket(zmq.PUSH) for _ in range(self.size)]
         self._replies = self._context.socket(zmq.PULL)
-        for rank, socket in enumerate(self._calls):
-            socket.sndhwm = 0
-            socket.bind(f"ipc://{self._dir}/calls-{rank}")
-        self._replies.bind(f"ipc://{self._dir}/replies")
+        for address, calls in zip(meeting.calls, self._calls):
+            calls.sndhwm = 0
+            calls.bind(bind_address(address))
+        self._replies.bind(bind_address(meeting.replies))
+        local = config.local_ranks()  # the other nodes' ranks are watched through their connections
+        self._remote = {rank: self._calls[rank].get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                        for rank in range(self.size) if rank not in local}
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Reply)
         self._ended_on = Counter()  # copy id -> ranks that reported it done or failed
         self._failed: set[int] = set()  # copies some rank reported failed: failed on all, once all have ended
         self.failure: str | None = None  # once set, every call raises ExecutorDied with it
         self.seam_s = 0.0  # of the steps' time: sending them to the ranks and gathering the replies
-        self.ranks = self._start_ranks(config, cuda)
+        self.ranks = start_ranks(config, meeting, os.getpid())
         # an executor dropped without close() (an LLM going out of scope) still takes its ranks with it
         self._finalizer = weakref.finalize(self, _stop_ranks, self.ranks, self._context, self._dir, 0)
+        if self._remote:
+            log.warning("tensor parallel: waiting for ranks %s at %s (`fastswitch ranks --node-rank K` on the "
+                        "other nodes)", sorted(self._remote), config.dist_init_addr)
         try:
             fits = self._gather()  # each rank's first reply, once its shard is loaded
             log.info("tensor parallel: %d ranks ready", self.size)
@@ -68,19 +142,6 @@ class MultiprocExecutor:
             self._stop(kill=True)
             raise
         self.block_bytes = self.spec.block_bytes
-
-    def _start_ranks(self, config: EngineConfig, cuda: bool) -> list[subprocess.Popen]:
-        shares = [None] * self.size if cuda else config.rank_cores()
-        rank_config = replace(config, cpu_cores=None)  # each rank gets its share of the cores instead
-        ranks = []
-        for rank, cores in enumerate(shares):
-            argv = [sys.executable, "-m", "fastswitch.executor.rank", "--rank", str(rank), "--size", str(self.size),
-                    "--parent-pid", str(os.getpid()), "--init-method", f"file://{self._dir}/rendezvous",
-                    "--calls", f"ipc://{self._dir}/calls-{rank}", "--replies", f"ipc://{self._dir}/replies",
-                    "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
-                    *(["--cores", format_cores(cores)] if cores else []), *rank_config.to_cli_args()]
-            ranks.append(subprocess.Popen(argv))
-        return ranks
 
     # -- the Executor seam -----------------------------------------------------------------------------
 
@@ -133,8 +194,8 @@ class MultiprocExecutor:
         if self.failure is not None:
             raise ExecutorDied(self.failure)
         message = self._encoder.encode(call)
-        for socket in self._calls:
-            socket.send(message, copy=False)
+        for calls in self._calls:
+            calls.send(message, copy=False)
         return self._gather()
 
     def _gather(self) -> list[Reply]:
@@ -154,6 +215,9 @@ class MultiprocExecutor:
         for rank, process in enumerate(self.ranks):
             if process.poll() is not None and process.returncode != 1:  # 1: it reported its error and left
                 self._fail(f"tensor-parallel rank {rank} exited (code {process.returncode})")
+        for rank, monitor in self._remote.items():
+            if monitor.poll(0):
+                self._fail(f"tensor-parallel rank {rank}, on another node, disconnected")
 
     def _fail(self, message: str) -> None:
         log.error("%s: stopping every rank", message)
@@ -166,7 +230,7 @@ class MultiprocExecutor:
         _stop_ranks(self.ranks, self._context, self._dir, 0 if kill else CLOSE_WAIT_S)
 
 
-def _stop_ranks(ranks: list[subprocess.Popen], context: zmq.Context, folder: str, wait_s: float) -> None:
+def _stop_ranks(ranks: list[subprocess.Popen], context: zmq.Context | None, folder: str | None, wait_s: float) -> None:
     """Every rank gone (given `wait_s` to exit, then killed), the sockets closed, the rendezvous folder removed.
     A rank whose peer died waits in a collective forever: it must be killed."""
     deadline = time.monotonic() + wait_s
@@ -176,6 +240,7 @@ def _stop_ranks(ranks: list[subprocess.Popen], context: zmq.Context, folder: str
         except subprocess.TimeoutExpired:
             rank.kill()
             rank.wait()
-    if not context.closed:
+    if context is not None and not context.closed:
         context.destroy(linger=0)
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -3,8 +3,9 @@
 Started by `MultiprocExecutor` as `python -m fastswitch.executor.rank`, it joins the process group,
 loads its shard, says how many KV blocks fit, then runs each call in order: every rank runs every
 step (the forward's all-reduces keep them in lockstep); rank 0's answer carries the sampled tokens,
-every rank's the copies it saw done. It dies with the engine core (PR_SET_PDEATHSIG), and exits on
-the first error, after reporting it.
+every rank's the copies it saw done. It dies with its parent (the engine core, or `fastswitch ranks`
+on another node: PR_SET_PDEATHSIG), exits when the engine core's end of its call socket goes away
+(a rank on another node has no other way to know), and exits on the first error, after reporting it.
 """
 
 import argparse
@@ -45,7 +46,14 @@ class Reply(msgspec.Struct, array_like=True, omit_defaults=True):
 def serve_rank(worker: Worker, rank: int, calls: zmq.Socket, replies: zmq.Socket) -> None:
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(Call)
     replies.send(encoder.encode(Reply(rank, number=worker.kv_blocks_fit())))
+    engine_gone = calls.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    poller = zmq.Poller()
+    poller.register(calls, zmq.POLLIN)
+    poller.register(engine_gone, zmq.POLLIN)
     while True:
+        if calls not in dict(poller.poll()):
+            log.error("rank %d: the engine core went away; exiting", rank)
+            raise SystemExit(1)
         call = decoder.decode(calls.recv())
         reply = Reply(rank)
         if call.method == "execute":
@@ -88,7 +96,7 @@ def main() -> None:
     try:
         cuda = config.device.startswith("cuda")
         if cuda:
-            torch.cuda.set_device(args.rank)  # NCCL's communicator binds to the current device
+            torch.cuda.set_device(args.rank - config.local_ranks().start)  # NCCL binds to the current device
         dist.init_process_group("nccl" if cuda else "gloo", init_method=args.init_method, rank=args.rank,
                                 world_size=args.size)
         serve_rank(Worker(config, EngineStats(), Shard(args.rank, args.size), cores), args.rank, calls, replies)
@@ -97,9 +105,7 @@ def main() -> None:
         replies.send(msgspec.msgpack.encode(Reply(args.rank, error=f"{type(error).__name__}: {error}")))
         raise SystemExit(1) from None
     finally:
-        calls.close(linger=0)
-        replies.close(linger=2000)
-        context.term()
+        context.destroy(linger=2000)  # every socket (the monitor's too); a reply still queued gets 2 s to leave
 
 
 if __name__ == "__main__":
