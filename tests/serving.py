@@ -83,3 +83,17 @@ def gone(pid: int, within_s: float = 10.0) -> bool:
             return True
         time.sleep(0.05)  # polling another process's exit
     return False
+
+
+def ranks_under(pid: int) -> list[int]:
+    """The tensor-parallel rank processes descending from `pid`."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = [int(c) for c in open(f"/proc/{parent}/task/{parent}/children").read().split()]
+        except FileNotFoundError:
+            continue
+        todo += children
+        found += [c for c in children if b"fastswitch.executor.rank" in open(f"/proc/{c}/cmdline", "rb").read()]
+    return found

@@ -17,7 +17,7 @@ from fastswitch import LLM, SamplingParams
 from fastswitch.model.demo import write_demo_model
 from tests.conftest import MODELS
 from tests.reference import hf_greedy
-from tests.serving import Server, gone
+from tests.serving import Server, gone, ranks_under
 from tests.test_preemption import run_with_random_preemptions
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -45,20 +45,6 @@ def test_two_ranks_match_transformers_with_and_without_preemption(model, backend
     assert all(rank.poll() is not None for rank in llm.engine.core.executor.ranks), "a rank outlived close()"
 
 
-def _ranks_under(pid: int) -> list[int]:
-    """The tensor-parallel rank processes descending from `pid`."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            children = [int(c) for c in open(f"/proc/{parent}/task/{parent}/children").read().split()]
-        except FileNotFoundError:
-            continue
-        todo += children
-        found += [c for c in children if b"fastswitch.executor.rank" in open(f"/proc/{c}/cmdline", "rb").read()]
-    return found
-
-
 def test_a_two_rank_server_answers_the_openai_client(llama_dir):
     server = Server(llama_dir, "--tensor-parallel-size", "2")
     try:
@@ -71,16 +57,16 @@ def test_a_two_rank_server_answers_the_openai_client(llama_dir):
         streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                   max_tokens=5, stream=True, extra_body={"ignore_eos": True})
         assert sum(bool(chunk.choices and chunk.choices[0].delta.content) for chunk in streamed) >= 1
-        assert len(_ranks_under(server.proc.pid)) == 2
+        assert len(ranks_under(server.proc.pid)) == 2
     finally:
-        ranks = _ranks_under(server.proc.pid)
+        ranks = ranks_under(server.proc.pid)
         assert server.stop() == 0
     assert all(gone(rank) for rank in ranks), "a rank outlived the server"
 
 
 def test_kill_9_of_a_rank_mid_stream_ends_the_streams_and_the_server(llama_dir):
     server = Server(llama_dir, "--tensor-parallel-size", "2")
-    ranks = _ranks_under(server.proc.pid)
+    ranks = ranks_under(server.proc.pid)
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 100000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()

@@ -13,9 +13,8 @@ import pytest
 from fastswitch import LLM, SamplingParams
 from fastswitch.interfaces import ExecutorDied
 from tests.reference import hf_greedy
-from tests.serving import free_port, gone
+from tests.serving import free_port, gone, ranks_under
 from tests.test_preemption import run_with_random_preemptions
-from tests.test_tensor_parallel import _ranks_under
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two ranks need two CPU cores")
@@ -55,7 +54,7 @@ def test_a_rank_lost_on_another_node_fails_the_engine(llama_dir, prompts):
     node_1 = start_node_1(llama_dir, port)
     try:
         llm = engine_on_node_0(llama_dir, port)
-        (rank_1,) = _ranks_under(node_1.pid)
+        (rank_1,) = ranks_under(node_1.pid)
         os.kill(rank_1, signal.SIGKILL)
         with pytest.raises(ExecutorDied, match="rank 1"):
             llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -76,11 +75,11 @@ def test_an_engine_that_goes_stops_the_other_nodes_ranks(llama_dir):
         for line in engine.stderr:  # until both ranks are up and the engine generates
             if "tensor parallel: 2 ranks ready" in line:
                 break
-        ranks = _ranks_under(node_1.pid)
+        ranks = ranks_under(node_1.pid)
         assert len(ranks) == 1
         engine.kill()
         assert node_1.wait(timeout=60) == 1
-        assert all(gone(rank) for rank in ranks + _ranks_under(node_1.pid)), "a rank outlived its engine"
+        assert all(gone(rank) for rank in ranks + ranks_under(node_1.pid)), "a rank outlived its engine"
     finally:
         engine.kill()
         node_1.kill()

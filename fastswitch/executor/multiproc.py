@@ -94,13 +94,11 @@ def serve_node(config: EngineConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: _stop_ranks(ranks, None, None, 0))
     log.info("node %d: ranks %s started, meeting the engine at %s", config.node_rank,
              list(config.local_ranks()), config.dist_init_addr)
-    while any(rank.poll() is None for rank in ranks):
-        if any(rank.returncode not in (None, 0) for rank in ranks):
-            break
+    failed = False  # once one rank fails, the others are stopped at once
+    while any(rank.poll() is None for rank in ranks) and not (failed := any(rank.returncode for rank in ranks)):
         time.sleep(LIVENESS_POLL_MS / 1000)
-    failed = any(rank.returncode not in (None, 0) for rank in ranks)
     _stop_ranks(ranks, None, None, 0 if failed else CLOSE_WAIT_S)
-    return 1 if failed or any(rank.returncode != 0 for rank in ranks) else 0
+    return int(any(rank.returncode != 0 for rank in ranks))
 
 
 class MultiprocExecutor:
