@@ -10,6 +10,9 @@
 # Writes OUT_DIR/<setting>/<preset>/results.json and a `bench compare` table per setting (compare.md,
 # with every run against the best of recompute, vllm-v1 and sglang). JOBS (default 2) simulations run at
 # once: they are single-threaded and in simulated time, so they need cores, not a quiet machine.
+# SEEDS (default "0") lists workload seeds: with more than one, each seed's runs go to
+# OUT_DIR/<setting>/run-<seed>/<preset> with a comparison there, and benchmarks/repeats.py writes
+# OUT_DIR/<setting>/repeats.md: each figure's median and spread over the seeds.
 set -euo pipefail
 out=$1
 jobs=${JOBS:-2}
@@ -22,18 +25,29 @@ declare -A settings=(
     [llama8b-a10-overload-host4g]="--model llama3-8b --profile a10 --trace-update-freq 0.04 --rate 2.5 --swap-space 4"
 )
 runs=(fastswitch fastswitch-auto recompute vllm-v1 sglang)
-for setting in "${!settings[@]}"; do
-    for run in "${runs[@]}"; do
-        preset=${run%-auto}
-        extra=()
-        [ "$run" = "$preset" ] || extra=(--preemption-mode auto)
-        dir="$out/$setting/$run"
-        [ -f "$dir/results.json" ] && continue
-        # shellcheck disable=SC2086  # a setting is a list of options
-        echo "python -m fastswitch sim --out $dir --label $run --preset $preset ${settings[$setting]} ${workload[*]} ${extra[*]}"
+read -r -a seeds <<< "${SEEDS:-0}"
+here="$(cd "$(dirname "$0")" && pwd)"
+folder() {  # where one setting's runs for one seed go
+    if [ "${#seeds[@]}" = 1 ]; then echo "$out/$1"; else echo "$out/$1/run-$2"; fi
+}
+for seed in "${seeds[@]}"; do
+    for setting in "${!settings[@]}"; do
+        for run in "${runs[@]}"; do
+            preset=${run%-auto}
+            extra=(--workload-seed "$seed")
+            [ "$run" = "$preset" ] || extra+=(--preemption-mode auto)
+            dir="$(folder "$setting" "$seed")/$run"
+            [ -f "$dir/results.json" ] && continue
+            # shellcheck disable=SC2086  # a setting is a list of options
+            echo "python -m fastswitch sim --out $dir --label $run --preset $preset ${settings[$setting]} ${workload[*]} ${extra[*]}"
+        done
     done
 done | xargs -P "$jobs" -I{} bash -c "{} > /dev/null"
 for setting in "${!settings[@]}"; do
-    python -m fastswitch bench compare "${runs[@]/#/$out/$setting/}" --out "$out/$setting" > /dev/null
+    for seed in "${seeds[@]}"; do
+        dir=$(folder "$setting" "$seed")
+        python -m fastswitch bench compare "${runs[@]/#/$dir/}" --out "$dir" > /dev/null
+    done
+    [ "${#seeds[@]}" = 1 ] || python "$here/repeats.py" "$out/$setting" > /dev/null
 done
 echo "wrote $out/*/compare.md"
