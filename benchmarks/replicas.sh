@@ -8,27 +8,37 @@
 #
 #   benchmarks/replicas.sh MODEL_DIR KV_BYTES OUT_DIR [bench run options...]
 #
-# POLICIES (default "consistent_hashing round_robin cache_aware") picks the router policies.
+# POLICIES (default "consistent_hashing round_robin cache_aware") picks the router policies; an entry
+# POLICY:ARG,ARG adds SMG options to that run (e.g. power_of_two:--sticky-sessions). ENGINE_ARGS
+# (e.g. "--policy vtc") go to every engine, the replicas' and the single one's; TAG, if set, ends every
+# run's label (e.g. "by user", for runs given --routing-key user).
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo/{/^#/p}' "$0" >&2; exit 2; }
 model="$1" kv_bytes="$2" out="$3"
 shift 3
 port=18700 runs=()
-for policy in ${POLICIES:-consistent_hashing round_robin cache_aware}; do
+read -r -a engine_args <<< "${ENGINE_ARGS:-}"
+for entry in ${POLICIES:-consistent_hashing round_robin cache_aware}; do
+    policy=${entry%%:*} name=${entry//[:,]/_}
+    router_args=() passed=()
+    [ "$entry" = "$policy" ] || IFS=, read -r -a router_args <<< "${entry#*:}"
+    for arg in "${router_args[@]}"; do passed+=("--router-arg=$arg"); done
     python -m fastswitch replicas --num 2 --router-policy "$policy" --port "$port" --model "$model" \
-        --dtype bfloat16 --kv-cache-memory-bytes $((kv_bytes / 2)) > "$out.$policy.log" 2>&1 &
+        --dtype bfloat16 --kv-cache-memory-bytes $((kv_bytes / 2)) "${engine_args[@]}" "${passed[@]}" \
+        > "$out.$name.log" 2>&1 &
     pid=$!
     trap 'kill $pid 2>/dev/null || true' EXIT
-    until grep -q "serving 2 replicas" "$out.$policy.log"; do
-        kill -0 $pid 2>/dev/null || { cat "$out.$policy.log" >&2; exit 1; }
+    until grep -q "serving 2 replicas" "$out.$name.log"; do
+        kill -0 $pid 2>/dev/null || { cat "$out.$name.log" >&2; exit 1; }
         sleep 1
     done
-    python -m fastswitch bench run --mode http --url "http://127.0.0.1:$port/v1" --label "2 replicas, $policy" \
-        --model "$model" --out "$out/$policy" --text-prompts "$@"
+    python -m fastswitch bench run --mode http --url "http://127.0.0.1:$port/v1" \
+        --label "2 replicas, $policy${router_args[*]:+ ${router_args[*]}}${TAG:+, $TAG}" --model "$model" --out "$out/$name" \
+        --text-prompts "$@"
     kill $pid && wait $pid || true
     trap - EXIT
-    runs+=("$out/$policy")
+    runs+=("$out/$name")
 done
-python -m fastswitch bench run --mode http --preset fastswitch --label "1 replica" --model "$model" \
-    --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" --out "$out/one" --text-prompts "$@"
+python -m fastswitch bench run --mode http --preset fastswitch --label "1 replica${TAG:+, $TAG}" --model "$model" \
+    --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" "${engine_args[@]}" --out "$out/one" --text-prompts "$@"
 python -m fastswitch bench compare "$out/one" "${runs[@]}" --out "$out"

@@ -149,6 +149,10 @@ def _bench_run_parser(benches) -> None:
     run.add_argument("--text-prompts", action="store_true",
                      help="http mode: send each prompt as text (the model's tokenizer decodes the history), for "
                           "routers that take no token-id prompts, such as SMG")
+    run.add_argument("--routing-key", default="conversation", choices=["conversation", "user"],
+                     help="http mode: what each request's X-SMG-Routing-Key names, for a router's consistent "
+                          "hashing or sticky sessions: its conversation (history stays on one replica) or its "
+                          "user (all of a user's conversations on one replica) (default: conversation)")
     run.add_argument("--max-retries", type=int, default=2,
                      help="http mode: times a turn refused with HTTP 429 is sent again once its Retry-After has "
                           "passed, as the OpenAI SDK does; then its conversation ends (default: 2)")
@@ -343,7 +347,7 @@ def _bench_run(args) -> int:
             text = Tokenizer(path) if args.text_prompts else None
             records, duration = asyncio.run(runner.run_http(url, conversations, args.priorities, config.trace_levels,
                                                             args.workload_seed, args.progress, args.request_timeout,
-                                                            args.max_retries, text))
+                                                            args.max_retries, text, args.routing_key))
             after = runner.server_counters(url)
         counters = {k: None if v is None else v - (before[k] or 0) for k, v in after.items()}
     _write_results(args, label, config, records, duration, counters,

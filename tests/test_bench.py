@@ -196,6 +196,16 @@ def test_http_client_sends_text_prompts_for_routers_and_keys_each_conversation()
     assert server.keys == [c.id, c.id]
 
 
+def test_http_client_keys_requests_by_user_when_asked():
+    ann = Conversation("c1", "ann", 0.0, [Turn([5], 2, 0.0)] * 2)
+    bob = Conversation("c2", "bob", 0.0, [Turn([5], 2, 0.0)])
+    with scripted_server(refusals=0) as server:
+        asyncio.run(run_http(server.url, [ann, bob], progress=False, routing_key="user"))
+        with pytest.raises(ValueError, match="routing key"):
+            asyncio.run(run_http(server.url, [bob], progress=False, routing_key="tenant"))
+    assert sorted(server.keys) == ["ann", "ann", "bob"]
+
+
 def test_every_preset_is_a_valid_engine_configuration():
     for name, options in PRESETS.items():
         EngineConfig(**options)

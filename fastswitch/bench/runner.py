@@ -15,8 +15,9 @@ A request the server refuses with HTTP 429 is sent again once its `Retry-After` 
 `max_retries` times, as the OpenAI Python SDK does (offline, a shed request is not retried); one
 refused after that, or not finished within the client's timeout, is recorded as not served, and its
 conversation ends there: the user gives up, since later turns need its reply. Every request carries
-its conversation's id as `X-SMG-Routing-Key`, the key a router's consistent hashing keeps on one
-replica (SMG's; FastSwitch and vLLM ignore it when the body names the user).
+its conversation's id (or, with `routing_key="user"`, its user) as `X-SMG-Routing-Key`, the key a
+router's consistent hashing or sticky sessions keep on one replica (SMG's; FastSwitch and vLLM
+ignore it when the body names the user, as it does here).
 """
 
 import asyncio
@@ -60,6 +61,7 @@ PRESETS = {  # engine options each preset sets; every other option is the user's
 }
 STRONGEST = ("recompute", "vllm-v1", "sglang")  # the presets a headline figure is compared against
 PRIORITY_PATTERNS = ("none", "random", "markov")
+ROUTING_KEYS = ("conversation", "user")  # what a request's X-SMG-Routing-Key names
 COUNTERS = {  # summary key -> EngineStats field, and the Prometheus samples FastSwitch and vLLM expose it as
     "preemptions": ("preemptions", ("fastswitch:preemptions_total", "vllm:num_preemptions_total")),
     "swap_out_blocks": ("swap_out_blocks", ("fastswitch:swap_out_blocks_total",)),
@@ -161,10 +163,14 @@ def _gaps(times: list[float]) -> list[float]:
 
 async def run_http(url: str, conversations: list[Conversation], priorities: str = "none", levels: int = 4,
                    seed: int = 0, progress: bool = True, request_timeout_s: float | None = None,
-                   max_retries: int = 2, text: Tokenizer | None = None) -> tuple[list[RequestRecord], float]:
+                   max_retries: int = 2, text: Tokenizer | None = None,
+                   routing_key: str = "conversation") -> tuple[list[RequestRecord], float]:
     """Every turn of every conversation against the server at `url` (its /v1 base). A turn refused with 429 is
     sent again up to `max_retries` times; one not streamed in full within `request_timeout_s` of its first send
-    is abandoned. With `text`, a tokenizer, prompts go as the text it decodes the history to."""
+    is abandoned. With `text`, a tokenizer, prompts go as the text it decodes the history to. `routing_key`
+    ("conversation" or "user") is what the X-SMG-Routing-Key header names."""
+    if routing_key not in ROUTING_KEYS:
+        raise ValueError(f"invalid routing key {routing_key!r}; choose from {', '.join(ROUTING_KEYS)}")
     # Idle connections are dropped before the server's keep-alive timeout (uvicorn's: 5 s) can close one
     # just as a request goes out on it, which fails that request with a ReadError.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=1.0)
@@ -174,7 +180,8 @@ async def run_http(url: str, conversations: list[Conversation], priorities: str 
         with tqdm(total=sum(len(c.turns) for c in conversations), unit="req", disable=not progress) as bar:
             start = time.monotonic()
             await asyncio.gather(*(_converse(client, model, c, _priorities(priorities, levels, seed, n, len(c.turns)),
-                                             start, records, bar, max_retries, request_timeout_s, text)
+                                             start, records, bar, max_retries, request_timeout_s, text,
+                                             c.user if routing_key == "user" else c.id)
                                    for n, c in enumerate(conversations)))
         return records, time.monotonic() - start
 
@@ -195,7 +202,7 @@ def _priorities(pattern: str, levels: int, seed: int, n: int, turns: int) -> lis
 
 async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, priorities: list[int | None], start: float,
                     records: list[RequestRecord], bar: tqdm, max_retries: int, timeout_s: float | None,
-                    text: Tokenizer | None) -> None:
+                    text: Tokenizer | None, routing_key: str) -> None:
     await asyncio.sleep(max(0.0, start + c.arrival_s - time.monotonic()))
     replies: list[list[int]] = []
     for k, turn in enumerate(c.turns):
@@ -208,7 +215,7 @@ async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, prio
         if priorities[k] is not None:
             body["priority"] = priorities[k]
         sent = time.monotonic()
-        outcome, rejections, (tokens, times, cached) = await _reply(client, body, {"x-smg-routing-key": c.id},
+        outcome, rejections, (tokens, times, cached) = await _reply(client, body, {"x-smg-routing-key": routing_key},
                                                                     max_retries, timeout_s)
         if outcome == "ok" and len(tokens) != turn.reply_len:
             raise RuntimeError(f"{c.id} turn {k}: asked for {turn.reply_len} tokens, got {len(tokens)} "
