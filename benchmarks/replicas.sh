@@ -11,7 +11,7 @@
 # POLICIES (default "consistent_hashing round_robin cache_aware") picks the router policies; an entry
 # POLICY:ARG,ARG adds SMG options to that run (e.g. power_of_two:--sticky-sessions). ENGINE_ARGS
 # (e.g. "--policy vtc") go to every engine, the replicas' and the single one's; TAG, if set, ends every
-# run's label (e.g. "by user", for runs given --routing-key user).
+# run's label (e.g. "by user", for runs given --routing-key user); SKIP_ONE=1 skips the single replica.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo/{/^#/p}' "$0" >&2; exit 2; }
 model="$1" kv_bytes="$2" out="$3"
@@ -39,6 +39,9 @@ for entry in ${POLICIES:-consistent_hashing round_robin cache_aware}; do
     trap - EXIT
     runs+=("$out/$name")
 done
-python -m fastswitch bench run --mode http --preset fastswitch --label "1 replica${TAG:+, $TAG}" --model "$model" \
-    --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" "${engine_args[@]}" --out "$out/one" --text-prompts "$@"
-python -m fastswitch bench compare "$out/one" "${runs[@]}" --out "$out"
+if [ -z "${SKIP_ONE:-}" ]; then
+    python -m fastswitch bench run --mode http --preset fastswitch --label "1 replica${TAG:+, $TAG}" --model "$model" \
+        --dtype bfloat16 --kv-cache-memory-bytes "$kv_bytes" "${engine_args[@]}" --out "$out/one" --text-prompts "$@"
+    runs=("$out/one" "${runs[@]}")
+fi
+python -m fastswitch bench compare "${runs[@]}" --out "$out"

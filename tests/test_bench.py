@@ -86,6 +86,17 @@ def test_jain_index_is_one_when_service_is_equal_and_falls_as_one_user_gets_more
     assert jain_index(lopsided) == pytest.approx((112 + 3 * 12) ** 2 / (4 * (112**2 + 3 * 12**2)))  # 10 + 2 x 51, 10 + 2 x 1
 
 
+def test_summary_lists_each_user_while_there_are_few():
+    records = [record(0, 0.5, [0.1], user="a"), record(1, 1.5, [0.1, 0.1], user="a"), record(2, 2.0, [], user="b"),
+               RequestRecord("r3", "c", 0, "b", None, 10, 0, None, 0.0, None, [], outcome="timeout")]
+    s = summarize(records, 10.0, {})
+    assert s["served_by_user"] == {"a": 2, "b": 1} and s["output_tokens_by_user"] == {"a": 5, "b": 1}
+    assert s["ttft_p50_by_user"] == {"a": pytest.approx(1.0), "b": 2.0}
+    assert s["ttft_p99_by_user"]["a"] == pytest.approx(1.49)
+    many = summarize([record(i, 0.1, [], user=f"u{i}") for i in range(report.USERS_BROKEN_OUT + 1)], 1.0, {})
+    assert "ttft_p99_by_user" not in many
+
+
 def test_http_priorities_are_seeded_and_markov_moves_one_level():
     markov = _priorities("markov", 4, seed=1, n=3, turns=200)
     assert markov == _priorities("markov", 4, seed=1, n=3, turns=200) != _priorities("markov", 4, seed=1, n=4, turns=200)

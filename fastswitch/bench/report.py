@@ -32,6 +32,7 @@ from fastswitch.slo import SLO
 log = logging.getLogger(__name__)
 REQUESTS_FILE = "requests.json.gz"
 REQUESTS_LIMIT_BYTES = 256 * 1024
+USERS_BROKEN_OUT = 16  # summaries list per-user figures for at most this many users
 CDF_QUANTILES = [*np.linspace(0, 0.99, 100), 0.995, 0.999, 0.9995, 1.0]  # the CDF plot's points, dense at the tail
 PERCENTILES = {"p50": 50, "p95": 95, "p99": 99, "p999": 99.9}
 TABLE = [  # (column, summary key, format)
@@ -84,12 +85,27 @@ def summarize(records: list[RequestRecord], duration_s: float, counters: dict[st
     summary["timed_out_by_priority"] = {p: _count(v, "timeout") for p, v in levels}
     summary["lowest_level_ttft_p99"] = summary["ttft_p99_by_priority"][levels[-1][0]] if levels else None
     summary["jain_index"] = jain_index(records)
+    summary |= _by_user(records)
     summary |= {key: counters.get(key) for key in COUNTERS}
     preemptions = counters.get("preemptions")
     summary["preemptions_per_request"] = preemptions / len(records) if preemptions is not None and records else None
     paused = [r.paused_s for r in records if r.paused_s is not None]
     summary["paused_s_per_preemption"] = sum(paused) / preemptions if paused and preemptions else None
     return summary
+
+
+def _by_user(records: list[RequestRecord]) -> dict:
+    """Per user, while there are few enough to list: requests served, output tokens, TTFT P50 and P99."""
+    users = defaultdict(list)
+    for r in records:
+        users[r.user].append(r)
+    if len(users) > USERS_BROKEN_OUT:
+        return {}
+    served = {u: _served(v) for u, v in sorted(users.items())}
+    return {"served_by_user": {u: len(v) for u, v in served.items()},
+            "output_tokens_by_user": {u: sum(r.output_tokens for r in v) for u, v in served.items()},
+            "ttft_p50_by_user": {u: percentile([r.ttft_s for r in v], 50) for u, v in served.items()},
+            "ttft_p99_by_user": {u: percentile([r.ttft_s for r in v], 99) for u, v in served.items()}}
 
 
 def _served(records: list[RequestRecord]) -> list[RequestRecord]:
