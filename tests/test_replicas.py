@@ -91,6 +91,24 @@ def test_consistent_hashing_keeps_each_users_history_on_one_replica_and_a_lost_r
     assert all(gone(pid) for pid in pids), "a replica or the router outlived the launcher"
 
 
+def test_sticky_sessions_place_conversations_by_load_and_keep_each_on_its_replica(llama_dir):
+    """What the docs recommend for per-user fairness: each conversation keyed on its own id, its first turn
+    placed by power_of_two, its later turns kept where its history is."""
+    r = Replicas(llama_dir, "--router-policy", "power_of_two", "--router-arg=--sticky-sessions")
+    try:
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        cached, served = {}, [0.0, 0.0]
+        for i in range(32):  # until both replicas have some: where a new key goes is the router's choice
+            cached[f"conversation{i}"] = converse(client, f"conversation{i}", turns=3)
+            served = [r.prompt_tokens(r.port + 1 + k) for k in range(2)]
+            if i >= 3 and all(served):
+                break
+        assert all(t > 0 for turns in cached.values() for t in turns[1:]), cached  # no later turn moved
+        assert all(s > 0 for s in served), served
+    finally:
+        assert r.stop() == 0
+
+
 def test_replicas_split_the_cores_and_refuse_more_replicas_than_cores(llama_dir):
     from fastswitch.config import EngineConfig
     from fastswitch.server.replicas import shares
