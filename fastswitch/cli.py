@@ -149,7 +149,9 @@ def _bench_run_parser(benches) -> None:
     run.add_argument("--text-prompts", action="store_true",
                      help="http mode: send each prompt as text (the model's tokenizer decodes the history), for "
                           "routers that take no token-id prompts, such as SMG")
-    run.add_argument("--routing-key", default="conversation", choices=["conversation", "user"],
+    from fastswitch.bench.runner import ROUTING_KEYS
+
+    run.add_argument("--routing-key", default="conversation", choices=ROUTING_KEYS,
                      help="http mode: what each request's X-SMG-Routing-Key names, for a router's consistent "
                           "hashing or sticky sessions: its conversation (history stays on one replica) or its "
                           "user (all of a user's conversations on one replica) (default: conversation)")

@@ -202,7 +202,8 @@ def _priorities(pattern: str, levels: int, seed: int, n: int, turns: int) -> lis
 
 async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, priorities: list[int | None], start: float,
                     records: list[RequestRecord], bar: tqdm, max_retries: int, timeout_s: float | None,
-                    text: Tokenizer | None, routing_key: str) -> None:
+                    text: Tokenizer | None, key: str) -> None:
+    """One conversation's turns in order; `key` is its requests' X-SMG-Routing-Key."""
     await asyncio.sleep(max(0.0, start + c.arrival_s - time.monotonic()))
     replies: list[list[int]] = []
     for k, turn in enumerate(c.turns):
@@ -215,7 +216,7 @@ async def _converse(client: httpx.AsyncClient, model: str, c: Conversation, prio
         if priorities[k] is not None:
             body["priority"] = priorities[k]
         sent = time.monotonic()
-        outcome, rejections, (tokens, times, cached) = await _reply(client, body, {"x-smg-routing-key": routing_key},
+        outcome, rejections, (tokens, times, cached) = await _reply(client, body, {"x-smg-routing-key": key},
                                                                     max_retries, timeout_s)
         if outcome == "ok" and len(tokens) != turn.reply_len:
             raise RuntimeError(f"{c.id} turn {k}: asked for {turn.reply_len} tokens, got {len(tokens)} "
