@@ -5,7 +5,8 @@
 #   benchmarks/conversations.sh OUT_DIR [bench run options...]
 #   e.g. benchmarks/conversations.sh benchmarks/results/conversations_tiny --num-kv-blocks 128 --rate 2
 #
-# PRESETS (default: all eight) picks a subset, e.g. PRESETS="baseline fastswitch".
+# PRESETS (default: all eight) picks a subset, e.g. PRESETS="baseline fastswitch"; PRESET-swap is PRESET with
+# --preemption-mode swap (forced, against the default auto).
 # REPEATS=N (default 1) runs every preset N times, alternating presets within each round (so drift on a
 # shared machine hits all alike), into OUT_DIR/PRESET/run-K; each round gets its own comparison
 # (OUT_DIR/round-K), and benchmarks/repeats.py writes OUT_DIR/repeats.md: median and spread per preset.
@@ -20,7 +21,10 @@ for round in $(seq 1 "$repeats"); do
     for preset in $presets; do
         dir="$out/$preset"
         [ "$repeats" = 1 ] || dir="$dir/run-$round"
-        python -m fastswitch bench run --preset "$preset" --label "$preset" --out "$dir" --no-progress "$@"
+        forced=()
+        [ "${preset%-swap}" = "$preset" ] || forced=(--preemption-mode swap)
+        python -m fastswitch bench run --preset "${preset%-swap}" --label "$preset" --out "$dir" --no-progress \
+            "${forced[@]}" "$@"
         dirs+=("$dir")
     done
     if [ "$repeats" = 1 ]; then

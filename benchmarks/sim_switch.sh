@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 22's question, simulated at the paper's scale: does pausing by swap pay against what users run
-# today? fastswitch (swap, and auto) against recompute, vllm-v1 and sglang (docs/baselines.md), for
+# today? fastswitch (`auto`, the default, and forced swap) against recompute, vllm-v1 and sglang (docs/baselines.md), for
 # LLaMA-8B on an A10 and Qwen-32B on an A100, near capacity and past it, with sim_paper.sh's workload
 # (1,000 conversations, markov priorities, 60 GiB of host over PCIe 4.0); then the 8B overload with a
 # 4 GiB host tier, where paused requests compete with cached histories for the host.
@@ -24,7 +24,7 @@ declare -A settings=(
     [qwen32b-a100-overload]="--model qwen2.5-32b --profile a100-80g --trace-update-freq 0.02 --rate 1.5 --swap-space 60"
     [llama8b-a10-overload-host4g]="--model llama3-8b --profile a10 --trace-update-freq 0.04 --rate 2.5 --swap-space 4"
 )
-runs=(fastswitch fastswitch-auto recompute vllm-v1 sglang)
+runs=(fastswitch fastswitch-swap recompute vllm-v1 sglang)  # fastswitch: auto, the default; -swap: forced
 read -r -a seeds <<< "${SEEDS:-0}"
 here="$(cd "$(dirname "$0")" && pwd)"
 folder() {  # where one setting's runs for one seed go
@@ -33,9 +33,9 @@ folder() {  # where one setting's runs for one seed go
 for seed in "${seeds[@]}"; do
     for setting in "${!settings[@]}"; do
         for run in "${runs[@]}"; do
-            preset=${run%-auto}
+            preset=${run%-swap}
             extra=(--workload-seed "$seed")
-            [ "$run" = "$preset" ] || extra+=(--preemption-mode auto)
+            [ "$run" = "$preset" ] || extra+=(--preemption-mode swap)
             dir="$(folder "$setting" "$seed")/$run"
             [ -f "$dir/results.json" ] && continue
             # shellcheck disable=SC2086  # a setting is a list of options

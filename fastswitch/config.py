@@ -56,9 +56,10 @@ class EngineConfig:
                                "against the per-level targets, with admission control past capacity), 'trace' "
                                "(priorities re-drawn as the run goes)",
                        choices=["fcfs", "priority", "vtc", "slo", "trace"])
-    preemption_mode: str = _opt("swap", "how a request is paused: 'swap' its KV to the host (recompute if the host is "
+    preemption_mode: str = _opt("auto", "how a request is paused: 'swap' its KV to the host (recompute if the host is "
                                         "full), 'recompute' it later, or 'auto': whichever is cheaper, from the "
-                                        "measured copy bandwidth and prefill speed",
+                                        "measured copy bandwidth and prefill speed and how often the host's "
+                                        "evicted history is wanted again",
                                 choices=["swap", "recompute", "auto"])
     priority_aging: float = _opt(0.0, "priority policy: a request rises one level per this many seconds since it "
                                        "arrived, so no level waits without bound; 0: strict priority, as in vLLM")

@@ -5,6 +5,7 @@ from fastswitch.config import EngineConfig
 from fastswitch.engine.costs import CostModel
 from fastswitch.engine.policies import Policy, make_policy
 from fastswitch.engine.scheduler import Scheduler
+from fastswitch.kv.prefix import BlockCache
 from fastswitch.messages import EngineCoreOutput, ModelOutput, SchedulerOutput
 
 
@@ -33,3 +34,14 @@ def execute(scheduler: Scheduler, out: SchedulerOutput) -> list[EngineCoreOutput
     if swapper is not None:
         scheduler.kv.landed(*swapper.finished())
     return scheduler.update_from_output(out, ModelOutput(samplers, [1] * len(samplers), [None] * len(samplers)))
+
+
+def evict_history_wanted_again(cache: BlockCache, wanted: int, evicted: int) -> None:
+    """Cache `evicted` named blocks of history, evict them all, then look the first `wanted` of them up."""
+    blocks = cache.allocate(evicted)
+    names = [f"history {i}".encode() for i in range(evicted)]
+    for block, name in zip(blocks, names):
+        cache.name(block, name)
+    cache.drop(blocks)
+    cache.evict(evicted)
+    cache.missed(names[:wanted])

@@ -19,7 +19,7 @@ from fastswitch.kv.swap import SwapManager
 from fastswitch.request import Request, Status
 from fastswitch.slo import SLO
 from fastswitch.stats import EngineStats
-from tests.model_free import StepClock, execute, policy_named
+from tests.model_free import StepClock, evict_history_wanted_again, execute, policy_named
 
 BLOCK = 4
 CPU = torch.device("cpu")
@@ -133,13 +133,30 @@ def test_auto_preemption_picks_the_cheaper_way():
     costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e6, prefill_tokens_per_s=1000)
     r = request("r", prompt_len=64)
     r.num_computed_tokens, r.block_ids = 64, list(range(16))
-    blocks, tokens = make_scheduler(mode="auto").kv.pause_trade(r)
-    assert costs.copy_s(blocks) == pytest.approx(0.032) and costs.recompute_s(tokens) == pytest.approx(0.064)
+    blocks, tokens, displaced = make_scheduler(mode="auto").kv.pause_trade(r)
+    assert displaced == 0 and costs.copy_s(blocks) == pytest.approx(0.032) and costs.recompute_s(tokens) == pytest.approx(0.064)
     for prefill, expected in ((1000, Status.SWAPPED), (100000, Status.WAITING)):
         s = make_scheduler(mode="auto")
         s.costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e6, prefill_tokens_per_s=prefill)
         s.add(request("r", prompt_len=64))
         step(s)
+        victim = s.running[0]
+        s.preempt(victim)
+        assert victim.status == expected
+
+
+def test_auto_recomputes_a_partial_block_whose_host_copy_would_evict_history_likely_wanted_again():
+    for host_blocks, expected in ((64, Status.SWAPPED), (2, Status.WAITING)):
+        device = KVPool(64, 1, BLOCK, 1, 2, torch.float32, CPU)
+        host = KVPool(host_blocks, 1, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
+        stats = EngineStats()
+        kv = KVManager(64, host_blocks, BLOCK, stats, SwapManager(device.data, host.data, "fastswitch", stats),
+                       prefix_caching=True)
+        s = Scheduler(kv, 4, 64, "auto", PriorityPolicy())
+        s.costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e9, prefill_tokens_per_s=1000)  # copies are cheap
+        evict_history_wanted_again(kv.host, wanted=2, evicted=2)  # every block the host evicted was wanted again
+        s.add(request("r", prompt_len=10))
+        step(s)  # 2 full blocks, whose write-back fills a 2-block host, and 2 tokens in a third
         victim = s.running[0]
         s.preempt(victim)
         assert victim.status == expected
@@ -189,7 +206,7 @@ def test_vtc_keeps_two_backlogged_users_within_its_bound_where_fcfs_does_not(lla
 
 def run_trace(llama_dir, prompts, seed: int):
     llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=40, max_num_seqs=4, policy="trace",
-              trace_update_freq=0.3, trace_pattern="markov", seed=seed)
+              trace_update_freq=0.3, trace_pattern="markov", seed=seed, preemption_mode="swap")  # auto: timed
     engine, schedule = llm.engine, []
     original = engine.core.scheduler.schedule
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from fastswitch import LLM, SamplingParams
 from fastswitch.kv.allocator import BlockAllocator
 from fastswitch.kv.prefix import BlockCache, block_hashes
+from tests.model_free import evict_history_wanted_again
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 BLOCK = 16
@@ -143,3 +144,11 @@ def test_an_arriving_turn_knows_how_much_of_it_the_cache_holds(llama_dir, conver
     while engine.has_unfinished_requests():
         outputs = engine.step()
     assert outputs[0].num_cached_tokens == request.cached_at_arrival  # the estimate was what admission reused
+
+
+def test_a_cache_counts_how_often_what_it_evicted_is_wanted_again():
+    cache = BlockCache(BlockAllocator(8))
+    assert cache.regret_rate == 0.0
+    evict_history_wanted_again(cache, wanted=1, evicted=4)
+    cache.missed([b"history 0", b"never cached"])  # a regret counts once; a name never cached is none
+    assert cache.regret_rate == 0.25 and cache.allocator.num_free == 8

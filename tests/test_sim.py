@@ -107,7 +107,8 @@ def test_a_swap_out_stalls_baseline_and_overlaps_fastswitch_steps():
     hw = dataclasses.replace(HW, peak_flops=1e12, memory_bytes_per_s=1e12, link=Link(1e4, 1e4, 1e-3))
     moved = {}
     for preset in ("baseline", "fastswitch"):
-        core = simulated_core(make_config(preset, num_kv_blocks=64, block_size=4, swap_space=1e-4), SHAPE, hw)
+        config = make_config(preset, num_kv_blocks=64, block_size=4, swap_space=1e-4, preemption_mode="swap")
+        core = simulated_core(config, SHAPE, hw)
         for i in range(2):
             core.add_request(_add(f"r{i}", 8, 40))
         for _ in range(3):

@@ -14,6 +14,7 @@ from fastswitch.kv.swap import SwapHandle, SwapManager
 from fastswitch.request import Request, Status
 from fastswitch.sampling import SamplingParams
 from fastswitch.stats import EngineStats
+from tests.model_free import evict_history_wanted_again
 
 BLOCK, LAYERS = 4, 2
 CPU = torch.device("cpu")
@@ -289,6 +290,16 @@ def test_resuming_takes_back_what_the_device_still_caches_and_copies_only_the_re
     assert kv.stats.resume_device_blocks == 5 and kv.stats.swap_in_blocks - copied == 3  # 2 lost + the partial one
     assert r.block_ids[:5] == before[:5]
     assert torch.equal(read(kv, r), torch.stack([kv_of(t) for t in range(30)]))
+
+
+def test_a_pause_trade_prices_the_history_a_partial_block_would_evict_by_how_often_evicted_history_returns():
+    for host_blocks, regret, displaced in ((8, 0.5, 0.0), (7, 0.0, 0.0), (7, 0.5, BLOCK / 2)):
+        kv = make_kv("fastswitch", 16, host_blocks, prefix_caching=True)
+        evict_history_wanted_again(kv.host, wanted=int(regret * 4), evicted=4)
+        r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)
+        kv.grow(r, 30)
+        compute(kv, r, 30)  # 7 full blocks to write back, then the partial one: on a 7-block host it evicts
+        assert kv.pause_trade(r) == (2, 2, displaced)  # the partial block out and back, or its 2 tokens
 
 
 def test_a_resume_does_not_wait_for_its_pause_to_reach_the_host():

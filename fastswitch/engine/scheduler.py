@@ -262,8 +262,9 @@ class Scheduler:
         """Pause a running request: by swap (recompute if the host is full), recompute, or the cheaper."""
         mode = mode or self.preemption_mode
         if mode == "auto":
-            blocks, tokens = self.kv.pause_trade(request)
-            mode = "swap" if self.costs.copy_s(blocks) <= self.costs.recompute_s(tokens) else "recompute"
+            blocks, tokens, displaced = self.kv.pause_trade(request)
+            swap_s = self.costs.copy_s(blocks) + self.costs.recompute_s(displaced)
+            mode = "swap" if swap_s <= self.costs.recompute_s(tokens) else "recompute"
         self.running.remove(request)
         request.metrics.num_preemptions += 1
         request.paused_at, request.preempted_iteration = self.clock.now(), self.iteration

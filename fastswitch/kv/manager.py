@@ -162,6 +162,8 @@ class KVManager:
             if block is None:
                 break
             on_host.append(block)
+        if self.reuse:
+            self.host.missed(names[len(on_device) + len(on_host) :])
         return on_device, on_host
 
     def commit(self, request: Request) -> None:
@@ -244,22 +246,27 @@ class KVManager:
             self._release_host(request, request.swap)
         return request.num_computed_tokens
 
-    def pause_trade(self, request: Request) -> tuple[int, int]:
+    def pause_trade(self, request: Request) -> tuple[int, int, float]:
         """What pausing a running request by swap would do that recomputing it would not: (blocks copied, out
-        and back in; tokens that recomputation would compute instead).
+        and back in; tokens that recomputation would compute instead; tokens of cached history the swap's
+        host blocks would evict that a later turn is likely to recompute: as many as the host's evictions
+        lately turned out to be wanted again).
 
         Tiered, both keep its full blocks in the device cache and write-back puts them on the host, so they
-        differ by the partial block (and, without write-back, the full blocks the host lacks); otherwise a
-        swap copies the stale blocks out and every block back, and recomputation computes every token."""
+        differ by the partial block (and, without write-back, the full blocks the host lacks): once the host
+        has no free block left, that block displaces a cached one. Otherwise a swap copies the stale blocks
+        out and every block back, and recomputation computes every token."""
         computed, block = request.num_computed_tokens, self.block_size
         if not self.tiered:
             n_blocks = -(-computed // block)
             valid = n_blocks if request.host_tokens == computed else request.host_tokens // block
-            return n_blocks - valid + n_blocks, computed
+            return n_blocks - valid + n_blocks, computed, 0
         partial = computed % block
-        lost = 0 if self.write_back else sum(self.host.find(name) is None
-                                             for name in self._names(request)[: computed // block])
-        return 2 * (lost + (partial > 0)), lost * block + partial
+        stale = sum(self.host.find(name) is None for name in self._names(request)[: computed // block])
+        lost = 0 if self.write_back else stale
+        extra = lost + (partial > 0)  # host blocks the swap takes that recomputation's write-back does not
+        free = max(0, self.host.allocator.num_free - (stale if self.write_back else 0))
+        return 2 * extra, lost * block + partial, max(0, extra - free) * block * self.host.regret_rate
 
     # -- the tiered path: a paused request's KV lives in the caches of both tiers -----------------
 
@@ -314,6 +321,7 @@ class KVManager:
             if block is None:
                 break
             source.append((where, block))
+        self.host.missed(names[len(source) :])
         if len(source) == full and request.host_tokens == computed and request.host_block_ids and not copying_out:
             source.append(("host", request.host_block_ids[0]))  # the partial block, the request's own
         cached = [b for where, b in source if where == "device"]

@@ -5,7 +5,9 @@ equal tokens at equal positions behind them, hence equal KV. A cryptographic has
 cannot forge a collision into another's cache.
 
 `BlockCache` refcounts a pool's blocks. A block whose last user is gone is freed, unless it is full
-and named: then it stays, findable by name, in an LRU list, until the pool needs the room.
+and named: then it stays, findable by name, in an LRU list, until the pool needs the room. The names
+of evicted blocks are remembered for a while (ghost entries, as ARC keeps them), so the cache can say
+how often what it evicts is wanted again: what evicting one more block is likely to cost.
 """
 
 import hashlib
@@ -14,6 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
+
+GHOST_POOLS = 4  # evictions a cache remembers, and counts over, in pools' worth: a pause on a host that churns
+# lasts a few pools' worth of evictions (8B past capacity with a 4 GiB host: about three)
 
 
 def block_hashes(token_ids: list[int], block_size: int, known: list[bytes]) -> list[bytes]:
@@ -34,6 +39,8 @@ class BlockCache:
         self.name_of: dict[int, bytes] = {}
         self.by_name: dict[bytes, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, least recent first
+        self.ghosts: OrderedDict[bytes, None] = OrderedDict()  # names of the latest evicted blocks, oldest first
+        self.evictions = self.regrets = 0.0  # evicted blocks, and those wanted again; halved every GHOST_POOLS pools
 
     @property
     def num_available(self) -> int:
@@ -77,5 +84,24 @@ class BlockCache:
         for _ in range(min(n, len(self.lru))):
             block, _ = self.lru.popitem(last=False)
             self.before_evict(block)
-            del self.by_name[self.name_of.pop(block)]
+            name = self.name_of.pop(block)
+            del self.by_name[name]
             self.allocator.free([block])
+            self.ghosts[name] = None
+            if len(self.ghosts) > GHOST_POOLS * self.allocator.num_blocks:
+                self.ghosts.popitem(last=False)
+            self.evictions += 1
+            if self.evictions >= GHOST_POOLS * self.allocator.num_blocks:
+                self.evictions, self.regrets = self.evictions / 2, self.regrets / 2
+
+    def missed(self, names: list[bytes]) -> None:
+        """These names were wanted and not found: those evicted lately count as regretted evictions."""
+        for name in names:
+            if name in self.ghosts:
+                del self.ghosts[name]
+                self.regrets += 1
+
+    @property
+    def regret_rate(self) -> float:
+        """The share of recently evicted blocks that were wanted again."""
+        return self.regrets / self.evictions if self.evictions else 0.0
