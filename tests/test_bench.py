@@ -242,6 +242,7 @@ def test_offline_runs_and_their_comparison(tmp_path, capsys, llama_dir):
         assert run["ttft_quantiles"] == sorted(run["ttft_quantiles"])
         assert run["ttft_quantiles"][-1] == pytest.approx(max(r["ttft_s"] for r in requests), abs=1e-6)
         assert run["summary"]["preemptions"] > 0 and run["summary"]["swap_out_blocks"] > 0, "memory was not tight"
+        assert 0 <= run["summary"]["recompute_preemptions"] <= run["summary"]["preemptions"]
     assert runs["baseline"]["summary"]["reuse_saved_blocks"] == 0 and runs["baseline"]["config"]["swap_mode"] == "baseline"
     assert runs["fastswitch"]["summary"]["swap_copies"] < runs["baseline"]["summary"]["swap_copies"]
 
@@ -275,6 +276,7 @@ def test_http_run_against_a_fastswitch_server(tmp_path, capsys, llama_dir):
     assert code == 0
     run, requests = load(tmp_path / "http"), load_requests(tmp_path / "http")
     assert run["mode"] == "http" and run["summary"]["preemptions"] is not None and run["config"]["policy"] == "slo"
+    assert 0 <= run["summary"]["recompute_preemptions"] <= run["summary"]["preemptions"]  # a labelled sample
     assert run["workload"]["max_retries"] == 2 and run["workload"]["request_timeout"] is None
     assert run["summary"]["served"] == sum(r["outcome"] == "ok" for r in requests)  # slo sheds by default
     assert set(run["summary"]["slo_attainment_by_priority"]) <= {"0", "1", "2", "3"}

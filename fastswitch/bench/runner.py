@@ -64,6 +64,7 @@ PRIORITY_PATTERNS = ("none", "random", "markov")
 ROUTING_KEYS = ("conversation", "user")  # what a request's X-SMG-Routing-Key names
 COUNTERS = {  # summary key -> EngineStats field, and the Prometheus samples FastSwitch and vLLM expose it as
     "preemptions": ("preemptions", ("fastswitch:preemptions_total", "vllm:num_preemptions_total")),
+    "recompute_preemptions": ("recompute_preemptions", ('fastswitch:preemptions_total{mode="recompute"}',)),
     "swap_out_blocks": ("swap_out_blocks", ("fastswitch:swap_out_blocks_total",)),
     "swap_out_bytes": ("swap_out_bytes", ("fastswitch:swap_out_bytes_total",)),
     "swap_in_blocks": ("swap_in_blocks", ("fastswitch:swap_in_blocks_total",)),
@@ -306,7 +307,9 @@ def server_counters(url: str) -> dict[str, float | None]:
     values: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
-            values[sample.name] += sample.value  # summed over labels (preemptions by mode)
+            values[sample.name] += sample.value  # summed over labels (preemptions by mode), and by each label
+            for label, value in sample.labels.items():
+                values[f'{sample.name}{{{label}="{value}"}}'] += sample.value
     return {key: next((values[n] for n in names if n in values), None) for key, (_, names) in COUNTERS.items()}
 
 
