@@ -145,21 +145,44 @@ def test_auto_preemption_picks_the_cheaper_way():
         assert victim.status == expected
 
 
+def tiered_scheduler(mode: str, host_blocks: int) -> Scheduler:
+    """Prefix caching on: pausing and resuming take the tiered path."""
+    device = KVPool(64, 1, BLOCK, 1, 2, torch.float32, CPU)
+    host = KVPool(host_blocks, 1, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
+    stats = EngineStats()
+    kv = KVManager(64, host_blocks, BLOCK, stats, SwapManager(device.data, host.data, "fastswitch", stats),
+                   prefix_caching=True)
+    return Scheduler(kv, 4, 64, mode, PriorityPolicy())
+
+
 def test_auto_recomputes_a_partial_block_whose_host_copy_would_evict_history_likely_wanted_again():
     for host_blocks, expected in ((64, Status.SWAPPED), (2, Status.WAITING)):
-        device = KVPool(64, 1, BLOCK, 1, 2, torch.float32, CPU)
-        host = KVPool(host_blocks, 1, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
-        stats = EngineStats()
-        kv = KVManager(64, host_blocks, BLOCK, stats, SwapManager(device.data, host.data, "fastswitch", stats),
-                       prefix_caching=True)
-        s = Scheduler(kv, 4, 64, "auto", PriorityPolicy())
+        s = tiered_scheduler("auto", host_blocks)
         s.costs = CostModel(block_bytes=1000, copy_bytes_per_s=1e9, prefill_tokens_per_s=1000)  # copies are cheap
-        evict_history_wanted_again(kv.host, wanted=2, evicted=2)  # every block the host evicted was wanted again
+        evict_history_wanted_again(s.kv.host, wanted=2, evicted=2)  # every block the host evicted was wanted again
         s.add(request("r", prompt_len=10))
         step(s)  # 2 full blocks, whose write-back fills a 2-block host, and 2 tokens in a third
         victim = s.running[0]
         s.preempt(victim)
         assert victim.status == expected
+
+
+def test_a_paused_request_whose_history_is_lost_restarts_as_a_recomputed_one():
+    """Resumed, it would grow block by block into what it must recompute, preempting others as it goes;
+    restarted, it is admitted only with room for its chunk, like any request recomputed."""
+    scheduled = {}
+    for mode in ("swap", "recompute"):
+        s = tiered_scheduler(mode, host_blocks=0)
+        s.add(request("r", prompt_len=16))
+        step(s)
+        r = s.running[0]
+        s.preempt(r)
+        s.kv.device.evict(len(s.kv.device.lru))  # no tier holds its KV any more
+        assert s.kv.lost_history(r) == (mode == "swap")  # (a recomputed request holds no history to lose)
+        out = step(s)
+        scheduled[mode] = [(x.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled]
+        assert r.status == Status.RUNNING and r.metrics.num_preemptions == 1 and not s.swapped
+    assert scheduled["swap"] == scheduled["recompute"] == [("r", 0, 17)]
 
 
 def test_vtc_lifts_a_returning_user_to_the_least_served_active_user():

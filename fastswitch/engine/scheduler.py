@@ -133,13 +133,14 @@ class Scheduler:
             elif request.preempted_iteration == self.iteration:  # not to be brought back in the same iteration
                 continue
             elif status == Status.SWAPPED and not blocked and self.kv.resumable(request):
-                blocked = not self._resume(request, rank, taken, out)
+                if self.kv.lost_history(request):  # a full block in neither tier: it starts again, as recomputed
+                    self.swapped.remove(request)
+                    self._requeue(request)
+                    blocked = self._start(request, rank, taken, out)
+                else:
+                    blocked = not self._resume(request, rank, taken, out)
             elif status == Status.WAITING and not blocked:
-                admitted = self._admit(request, rank, taken, out)
-                if admitted is None:
-                    blocked = True
-                elif admitted:  # 0 while its cached prefix is still being copied in from the host
-                    self._run(request, admitted, out, taken)
+                blocked = self._start(request, rank, taken, out)
         if self.admission is not None:
             self.admission.observe(self.clock.now(), out.started,
                                    any(r.first_token_time is None for r in self.waiting))
@@ -225,6 +226,13 @@ class Scheduler:
             return "length", None
         return None, None
 
+    def _start(self, request: Request, rank, taken, out) -> bool:
+        """Admit a waiting request and run its first chunk; True if it does not fit (it blocks those below)."""
+        admitted = self._admit(request, rank, taken, out)
+        if admitted:  # 0 while its cached prefix is still being copied in from the host
+            self._run(request, admitted, out, taken)
+        return admitted is None
+
     def _admit(self, request: Request, rank, taken, out) -> int | None:
         """Start a waiting request, making room if it outranks running ones; its first chunk, or None."""
         admitted: list[tuple[int, int] | None] = [None]
@@ -282,6 +290,10 @@ class Scheduler:
                 stats.swap_preemptions += 1
                 return
         self.kv.stats.recompute_preemptions += 1
+        self._requeue(request)
+
+    def _requeue(self, request: Request) -> None:
+        """Give back what a request holds and queue it to be computed again over whatever prefix the caches hold."""
         self.kv.release(request)
         request.computed_at_pause, request.num_computed_tokens = request.num_computed_tokens, 0
         request.status = Status.WAITING
@@ -296,10 +308,7 @@ class Scheduler:
         else:
             self.swapped.remove(request)
         request.num_named_blocks = 0
-        self.kv.release(request)
-        request.computed_at_pause, request.num_computed_tokens = request.num_computed_tokens, 0
-        request.status = Status.WAITING
-        self.waiting.appendleft(request)
+        self._requeue(request)
 
     def _charge(self, request: Request, sampled: bool) -> None:
         """Charge an iteration's work to the request's user: its new prompt tokens, one generated if

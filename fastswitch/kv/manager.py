@@ -246,6 +246,12 @@ class KVManager:
             self._release_host(request, request.swap)
         return request.num_computed_tokens
 
+    def lost_history(self, request: Request) -> bool:
+        """Whether a paused request's KV has a full block that neither tier holds any more (tiered path): resuming
+        it would recompute from there, as restarting it over its cached prefix does."""
+        names = self._names(request)[: request.num_computed_tokens // self.block_size] if self.tiered else []
+        return any(self.device.find(name) is None and self.host.find(name) is None for name in names)
+
     def pause_trade(self, request: Request) -> tuple[int, int, float]:
         """What pausing a running request by swap would do that recomputing it would not: (blocks copied, out
         and back in; tokens that recomputation would compute instead; tokens of cached history the swap's
