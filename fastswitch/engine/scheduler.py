@@ -7,7 +7,8 @@ ranking, best first, each request gets what it needs to make progress:
   budget): the prompt or a chunk of it, then one token per decode. Decodes are served before prefill
   chunks, so a long prompt never stalls running requests' next tokens;
 - a paused request is resumed (its KV copied back; it runs once the copy has landed; on the tiered
-  path its pause's own copy to the host need not have landed first);
+  path its pause's own copy to the host need not have landed first), or, if a full block of its KV
+  is in neither tier any more, started again as a request preempted by recomputation is;
 - a waiting request is started after whatever prefix of it is cached.
 
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
@@ -17,7 +18,8 @@ guards (`slo`: resumed too few seconds ago). A paused or waiting request that st
 blocks everyone ranked below it from starting, so a large high-ranked request is not starved by
 small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
 whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`), for what
-the two would do differently (`KVManager.pause_trade`). A request
+the two would do differently (`KVManager.pause_trade`, which includes the cached history a swap's
+host block would evict, priced at how often the host's evictions are wanted again). A request
 whose KV is still being copied in is not preempted.
 
 `schedule()` returns the step as plain data (`SchedulerOutput`: who computes how many tokens, with
