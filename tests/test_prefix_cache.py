@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fastswitch import LLM, SamplingParams
 from fastswitch.kv.allocator import BlockAllocator
-from fastswitch.kv.prefix import BlockCache, block_hashes
+from fastswitch.kv.prefix import GHOST_POOLS, BlockCache, block_hashes
 from tests.model_free import evict_history_wanted_again
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -147,7 +147,7 @@ def test_an_arriving_turn_knows_how_much_of_it_the_cache_holds(llama_dir, conver
 
 
 def test_a_cache_counts_how_often_what_it_evicted_is_wanted_again():
-    cache = BlockCache(BlockAllocator(8))
+    cache = BlockCache(BlockAllocator(8), ghost_pools=GHOST_POOLS)
     assert cache.regret_rate == 0.0
     evict_history_wanted_again(cache, wanted=1, evicted=4)
     cache.missed([b"history 0", b"never cached"])  # a regret counts once; a name never cached is none

@@ -31,7 +31,7 @@ import numpy as np
 
 from fastswitch.interfaces import Clock, CopyEngine, MonotonicClock
 from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
-from fastswitch.kv.prefix import BlockCache, block_hashes
+from fastswitch.kv.prefix import GHOST_POOLS, BlockCache, block_hashes
 from fastswitch.messages import Copy, Run
 from fastswitch.request import Request
 from fastswitch.stats import EngineStats
@@ -64,7 +64,7 @@ class KVManager:
                  reuse: bool = True, clock: Clock | None = None, write_through: str = "off", write_back: bool = True):
         allocator = BlockAllocator if block_groups else FreeListAllocator
         self.device = BlockCache(allocator(num_blocks), before_evict=self._before_evict)
-        self.host = BlockCache(allocator(num_host_blocks))
+        self.host = BlockCache(allocator(num_host_blocks), ghost_pools=GHOST_POOLS)
         self.block_size, self.stats, self.swapper = block_size, stats, swapper
         self.reuse = reuse and swapper is not None and swapper.mode == "fastswitch"
         self.prefix_caching, self.clock = prefix_caching, clock or MonotonicClock()
@@ -249,8 +249,20 @@ class KVManager:
     def lost_history(self, request: Request) -> bool:
         """Whether a paused request's KV has a full block that neither tier holds any more (tiered path): resuming
         it would recompute from there, as restarting it over its cached prefix does."""
-        names = self._names(request)[: request.num_computed_tokens // self.block_size] if self.tiered else []
-        return any(self.device.find(name) is None and self.host.find(name) is None for name in names)
+        full = request.num_computed_tokens // self.block_size
+        return self.tiered and len(self._held(self._names(request)[:full])) < full
+
+    def _held(self, names: list[bytes]) -> list[tuple[str, int]]:
+        """Where each block of the longest prefix of `names` that some tier holds is: ("device" | "host", block)."""
+        held = []
+        for name in names:
+            block, where = self.device.find(name), "device"
+            if block is None:
+                block, where = self.host.find(name), "host"
+            if block is None:
+                break
+            held.append((where, block))
+        return held
 
     def pause_trade(self, request: Request) -> tuple[int, int, float]:
         """What pausing a running request by swap would do that recomputing it would not: (blocks copied, out
@@ -319,14 +331,7 @@ class KVManager:
         copying_out = request.swap in self._pending
         computed, full = request.num_computed_tokens, request.num_computed_tokens // self.block_size
         names = self._names(request)[:full]
-        source: list[tuple[str, int]] = []  # per block: ("device" | "host", block)
-        for name in names:
-            block, where = self.device.find(name), "device"
-            if block is None:
-                block, where = self.host.find(name), "host"
-            if block is None:
-                break
-            source.append((where, block))
+        source = self._held(names)
         self.host.missed(names[len(source) :])
         if len(source) == full and request.host_tokens == computed and request.host_block_ids and not copying_out:
             source.append(("host", request.host_block_ids[0]))  # the partial block, the request's own

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable
 
 from fastswitch.kv.allocator import BlockAllocator, FreeListAllocator
 
-GHOST_POOLS = 4  # evictions a cache remembers, and counts over, in pools' worth: a pause on a host that churns
+GHOST_POOLS = 4  # evictions the host cache remembers, and counts over, in pools' worth: a pause on a host that churns
 # lasts a few pools' worth of evictions (8B past capacity with a 4 GiB host: about three)
 
 
@@ -33,14 +33,15 @@ def block_hashes(token_ids: list[int], block_size: int, known: list[bytes]) -> l
 
 class BlockCache:
     def __init__(self, allocator: BlockAllocator | FreeListAllocator,
-                 before_evict: Callable[[int], None] = lambda block: None):
+                 before_evict: Callable[[int], None] = lambda block: None, ghost_pools: int = 0):
         self.allocator, self.before_evict = allocator, before_evict  # before_evict: settle a copy still reading it
+        self.ghost_pools = ghost_pools  # 0: no ghost entries kept (the device: nobody asks its regret rate)
         self.refs: dict[int, int] = {}
         self.name_of: dict[int, bytes] = {}
         self.by_name: dict[bytes, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, least recent first
         self.ghosts: OrderedDict[bytes, None] = OrderedDict()  # names of the latest evicted blocks, oldest first
-        self.evictions = self.regrets = 0.0  # evicted blocks, and those wanted again; halved every GHOST_POOLS pools
+        self.evictions = self.regrets = 0.0  # evicted blocks, and those wanted again; halved every window
 
     @property
     def num_available(self) -> int:
@@ -87,12 +88,17 @@ class BlockCache:
             name = self.name_of.pop(block)
             del self.by_name[name]
             self.allocator.free([block])
-            self.ghosts[name] = None
-            if len(self.ghosts) > GHOST_POOLS * self.allocator.num_blocks:
-                self.ghosts.popitem(last=False)
-            self.evictions += 1
-            if self.evictions >= GHOST_POOLS * self.allocator.num_blocks:
-                self.evictions, self.regrets = self.evictions / 2, self.regrets / 2
+            if self.ghost_pools:
+                self._remember(name)
+
+    def _remember(self, name: bytes) -> None:
+        window = self.ghost_pools * self.allocator.num_blocks
+        self.ghosts[name] = None
+        if len(self.ghosts) > window:
+            self.ghosts.popitem(last=False)
+        self.evictions += 1
+        if self.evictions >= window:
+            self.evictions, self.regrets = self.evictions / 2, self.regrets / 2
 
     def missed(self, names: list[bytes]) -> None:
         """These names were wanted and not found: those evicted lately count as regretted evictions."""
