@@ -145,12 +145,12 @@ def test_auto_preemption_picks_the_cheaper_way():
         assert victim.status == expected
 
 
-def tiered_scheduler(mode: str, host_blocks: int) -> Scheduler:
+def tiered_scheduler(mode: str, host_blocks: int, device_blocks: int = 64) -> Scheduler:
     """Prefix caching on: pausing and resuming take the tiered path."""
-    device = KVPool(64, 1, BLOCK, 1, 2, torch.float32, CPU)
+    device = KVPool(device_blocks, 1, BLOCK, 1, 2, torch.float32, CPU)
     host = KVPool(host_blocks, 1, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
     stats = EngineStats()
-    kv = KVManager(64, host_blocks, BLOCK, stats, SwapManager(device.data, host.data, "fastswitch", stats),
+    kv = KVManager(device_blocks, host_blocks, BLOCK, stats, SwapManager(device.data, host.data, "fastswitch", stats),
                    prefix_caching=True)
     return Scheduler(kv, 4, 64, mode, PriorityPolicy())
 
@@ -183,6 +183,25 @@ def test_a_paused_request_whose_history_is_lost_restarts_as_a_recomputed_one():
         scheduled[mode] = [(x.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled]
         assert r.status == Status.RUNNING and r.metrics.num_preemptions == 1 and not s.swapped
     assert scheduled["swap"] == scheduled["recompute"] == [("r", 0, 17)]
+
+
+def test_the_pause_that_makes_room_for_a_resume_does_not_evict_the_resumed_requests_history_from_the_host():
+    """On a full host, the preempted request's copy would evict the oldest cached blocks: here, those of the
+    paused request it makes room for. That one gets its history back; the victim's is what does not fit."""
+    s = tiered_scheduler("swap", host_blocks=3, device_blocks=4)
+    s.add(request("r", prompt_len=2 * BLOCK + 2))
+    step(s)
+    r = s.running[0]
+    s.preempt(r)  # 2 full blocks and a partial one: the whole host
+    s.kv.device.evict(len(s.kv.device.lru))  # only the host holds its history now
+    computed, r.priority = r.num_computed_tokens, 9
+    s.add(Request("v", [8] * (3 * BLOCK + 2), SamplingParams(max_tokens=50), 0.0, 1))
+    step(s)  # v fills the device
+    r.priority = 0
+    out = step(s)
+    assert names(out.preempted_ids) == ["v"]
+    assert r.status == Status.RUNNING and r.num_computed_tokens == computed  # nothing of it to recompute
+    assert s.kv.stats.recompute_fallbacks == 1  # v's pause: the host had no room for its KV
 
 
 def test_vtc_lifts_a_returning_user_to_the_least_served_active_user():

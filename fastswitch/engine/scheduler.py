@@ -14,9 +14,10 @@ ranking, best first, each request gets what it needs to make progress:
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
 preempted, lowest first, only as many as needed (even one given its decode earlier in the same
 iteration), except those resumed within the last `thrash_guard` iterations and those the policy
-guards (`slo`: resumed too few seconds ago). A paused or waiting request that still does not fit
-blocks everyone ranked below it from starting, so a large high-ranked request is not starved by
-small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
+guards (`slo`: resumed too few seconds ago); meanwhile the host keeps the history of the request
+room is made for (`KVManager.holding`), so the victims' copies to the host do not evict it. A
+paused or waiting request that still does not fit blocks everyone ranked below it from starting,
+so a large high-ranked request is not starved by small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
 whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`), for what
 the two would do differently (`KVManager.pause_trade`, which includes the cached history a swap's
 host block would evict, priced at how often the host's evictions are wanted again). A request
@@ -244,8 +245,9 @@ class Scheduler:
                 admitted[0] = self.kv.admit(request, self._budget)
             return admitted[0] is not None
 
-        if not self._make_room(request, fits, rank, taken, out):
-            return None
+        with self.kv.holding(request):
+            if not self._make_room(request, fits, rank, taken, out):
+                return None
         self.waiting.remove(request)
         self._start_running(request)
         out.started += request.first_token_time is None
@@ -262,8 +264,9 @@ class Scheduler:
                 resumed[0] = self.kv.swap_in(request)
             return resumed[0] is not None
 
-        if not self._make_room(request, fits, rank, taken, out):
-            return False
+        with self.kv.holding(request):
+            if not self._make_room(request, fits, rank, taken, out):
+                return False
         request.num_computed_tokens = resumed[0]  # less than before if part of its KV was lost: recomputed
         self._start_running(request)
         return True

@@ -25,7 +25,8 @@ released only once that copy is done; a name is published only once the KV behin
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -251,6 +252,20 @@ class KVManager:
         it would recompute from there, as restarting it over its cached prefix does."""
         full = request.num_computed_tokens // self.block_size
         return self.tiered and len(self._held(self._names(request)[:full])) < full
+
+    @contextmanager
+    def holding(self, request: Request) -> Iterator[None]:
+        """While room is made for a paused or waiting request: the host blocks of the prefix it would get back
+        stay, so the pauses made to give it room (whose copies to the host evict the oldest cached blocks,
+        often its own, paused longest) do not take its history."""
+        computed = request.num_computed_tokens
+        names = self._names(request)[: (computed or request.num_tokens - 1) // self.block_size]
+        pinned = [b for where, b in self._held(names) if where == "host"] if self.tiered else []
+        self.host.take(pinned)
+        try:
+            yield
+        finally:
+            self.host.drop(pinned)
 
     def _held(self, names: list[bytes]) -> list[tuple[str, int]]:
         """Where each block of the longest prefix of `names` that some tier holds is: ("device" | "host", block)."""
