@@ -17,11 +17,12 @@ iteration), except those resumed within the last `thrash_guard` iterations and t
 guards (`slo`: resumed too few seconds ago); meanwhile the host keeps the history of the request
 room is made for (`KVManager.holding`), so the victims' copies to the host do not evict it. A
 paused or waiting request that still does not fit blocks everyone ranked below it from starting,
-so a large high-ranked request is not starved by small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
-whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`), for what
-the two would do differently (`KVManager.pause_trade`, which includes the cached history a swap's
-host block would evict, priced at how often the host's evictions are wanted again). A request
-whose KV is still being copied in is not preempted.
+so a large high-ranked request is not starved by small ones. Preemption is by swap (KV to the
+host), by recomputation (KV dropped), or `auto`: whichever is cheaper, from the measured copy
+bandwidth and prefill speed (`CostModel`), for what the two would do differently
+(`KVManager.pause_trade`, which includes the cached history a swap's host block would evict,
+priced at how often the host's evictions are wanted again). A request whose KV is still being
+copied in is not preempted.
 
 `schedule()` returns the step as plain data (`SchedulerOutput`: who computes how many tokens, with
 which blocks, and the copies to make first); `update_from_output()` takes the sampled tokens back
