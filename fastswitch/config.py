@@ -80,8 +80,9 @@ class EngineConfig:
     vtc_user_weights: str = _opt("", "vtc policy: per-user shares, e.g. 'alice=2,bob=1' (default 1 each)")
     host_write_through: str = _opt("off", "copy full blocks to the host tier as they are computed, so a later pause "
                                           "or eviction finds them there: 'off', 'prompt' (prompt blocks only, as "
-                                          "vLLM's CPU offloading and SGLang's HiCache do), 'all'",
-                                   choices=["off", "prompt", "all"])
+                                          "vLLM's CPU offloading and SGLang's HiCache do), 'all', or 'spare' (all, "
+                                          "but only into free host blocks and one copy in flight at a time)",
+                                   choices=["off", "prompt", "all", "spare"])
     host_write_back: bool = _opt(True, "when a request finishes or is preempted by recomputation, copy its full "
                                        "blocks the host tier lacks there, for later turns and resumes")
     enable_prefix_caching: bool = _opt(True, "keep finished requests' KV (device, then host) and reuse it for "
@@ -116,8 +117,8 @@ class EngineConfig:
             raise ValueError(f"invalid swap_space={self.swap_space!r}: must be >= 0 GiB")
         if not self.priority_aging >= 0:
             raise ValueError(f"invalid priority_aging={self.priority_aging!r}: seconds, >= 0 (0: strict priority)")
-        if self.host_write_through not in ("off", "prompt", "all"):
-            raise ValueError(f"invalid host_write_through={self.host_write_through!r}; choose from off, prompt, all")
+        if self.host_write_through not in ("off", "prompt", "all", "spare"):
+            raise ValueError(f"invalid host_write_through={self.host_write_through!r}; choose from off, prompt, all, spare")
         if not (isinstance(self.thrash_guard, int) and self.thrash_guard >= 0):
             raise ValueError(f"invalid thrash_guard={self.thrash_guard!r}: must be an integer >= 0")
         self.user_weights()  # validates

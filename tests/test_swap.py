@@ -29,14 +29,15 @@ def test_plan_copies_coalesces_runs_contiguous_on_both_sides():
 
 
 def make_kv(mode: str, num_blocks: int, num_host_blocks: int, prefix_caching: bool = False, block_groups: bool = True,
-            reuse: bool = True, asynchronous: bool = True) -> KVManager:
+            reuse: bool = True, asynchronous: bool = True, write_through: str = "off") -> KVManager:
     device = KVPool(num_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU)
     host = KVPool(num_host_blocks, LAYERS, BLOCK, 1, 2, torch.float32, CPU, host_for=CPU)
     stats = EngineStats()
     swapper = SwapManager(device.data, host.data, mode, stats, asynchronous)
     if asynchronous:
         swapper.inline_bytes = 0  # these pools are tiny: exercise the asynchronous path
-    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper, prefix_caching, block_groups, reuse)
+    return KVManager(num_blocks, num_host_blocks, BLOCK, stats, swapper, prefix_caching, block_groups, reuse,
+                     write_through=write_through)
 
 
 def kv_of(token: int) -> torch.Tensor:
@@ -153,10 +154,13 @@ def check_nothing_leaks(kv: KVManager, requests: list[Request], num_blocks: int,
 
 @settings(max_examples=300, deadline=None)
 @given(mode=st.sampled_from(["fastswitch", "baseline"]), prefix_caching=st.booleans(), num_blocks=st.integers(4, 24),
-       num_host_blocks=st.integers(0, 40), switches=st.tuples(st.booleans(), st.booleans(), st.booleans()), ops=ops)
-def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_blocks, num_host_blocks, switches, ops):
-    """Also with each mechanism switched off (block groups, reuse, asynchronous copies), as the ablations run."""
-    kv = make_kv(mode, num_blocks, num_host_blocks, prefix_caching, *switches)
+       num_host_blocks=st.integers(0, 40), switches=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+       write_through=st.sampled_from(["off", "prompt", "all", "spare"]), ops=ops)
+def test_round_trips_keep_every_byte_and_leak_nothing(mode, prefix_caching, num_blocks, num_host_blocks, switches,
+                                                     write_through, ops):
+    """Also with each mechanism switched off (block groups, reuse, asynchronous copies), as the ablations run,
+    and with every write-through policy."""
+    kv = make_kv(mode, num_blocks, num_host_blocks, prefix_caching, *switches, write_through=write_through)
     check_nothing_leaks(kv, run_ops(kv, ops), num_blocks, num_host_blocks)
 
 
@@ -281,6 +285,7 @@ def test_resuming_takes_back_what_the_device_still_caches_and_copies_only_the_re
     before = list(r.block_ids)
     assert kv.swap_out(r)
     settle(kv, r)
+    assert not kv.lost_history(r)  # looked up before the evictions below: the answer must not be kept past them
     for block in before[5:7]:  # two named blocks lost from the device
         kv.device.lru.move_to_end(block, last=False)
     kv.device.evict(2)
@@ -324,6 +329,35 @@ def test_a_resume_does_not_wait_for_its_pause_to_reach_the_host():
     kv.release(r)
     kv.drain()
     assert not kv.device.refs and kv.device.num_available == 16
+
+
+def test_spare_write_through_takes_only_free_host_blocks_and_waits_for_its_last_copy():
+    kv = make_kv("fastswitch", 16, 6, prefix_caching=True, write_through="spare")
+    old = Request("old", [9] * 8, SamplingParams(max_tokens=8), 0.0)
+    kv.grow(old, 8)
+    compute(kv, old, 8)  # written through: two blocks of cached history on the host
+    flush(kv)
+    kv.drain()
+    history = [kv.host.find(name) for name in old.block_names[:2]]
+    r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)
+    kv.grow(r, 12)
+    gate = kv.swapper._worker.submit(lambda: __import__("time").sleep(0.2))  # keep the copy in flight
+    compute(kv, r, 12)
+    flush(kv)  # three blocks written through, still in flight
+    kv.grow(r, 8)
+    compute(kv, r, 8)
+    assert r.num_written_through == 3  # the link is busy: the next two wait
+    gate.result()
+    flush(kv)
+    kv.drain()
+    kv.grow(r, 4)
+    compute(kv, r, 4)  # six full blocks now, but the host has one free block: no history is evicted for them
+    flush(kv)
+    kv.drain()
+    assert [kv.host.find(name) for name in old.block_names[:2]] == history
+    assert sum(kv.host.find(name) is not None for name in r.block_names[:6]) == 4 and kv.host.allocator.num_free == 0
+    host = kv.swapper.host_pool
+    assert all(torch.equal(host[kv.host.find(r.block_names[p // BLOCK]), :, :, p % BLOCK], kv_of(p)) for p in range(16))
 
 
 def kv_ready_at_once(kv: KVManager, request: Request) -> bool:

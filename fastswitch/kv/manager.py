@@ -14,9 +14,11 @@ Both tiers are BlockCaches: blocks are refcounted, and full blocks are named by 
 - With prefix caching, a finished request's named blocks stay cached on the device (LRU) and are
   written back to the host (`write_back`); a new request reuses its longest cached prefix: device
   blocks directly, host blocks by swap-in, so only the rest of its prompt is prefilled.
-- `write_through` copies full blocks to the host as they are computed (`prompt`: the prompt's only),
-  as host-cached named blocks: a later swap-out references them instead of copying, and a request
-  recomputed after its device blocks were evicted finds them on the host.
+- `write_through` copies full blocks to the host as they are computed, as host-cached named blocks
+  (`prompt`: the prompt's only; `spare`: only into free host blocks, never evicting history, and only
+  while no write-through copy of an earlier step is in flight, at what the link has spare): a later
+  swap-out references them instead of copying, and a request recomputed after its device blocks
+  were evicted finds them on the host.
 A named device block is immutable, so pausing or finishing a request releases its named blocks
 into the device cache at once, even while a copy to the host is still reading them: evicting such
 a block first settles that copy. Blocks a copy writes, and unnamed blocks a copy reads, are
@@ -78,6 +80,9 @@ class KVManager:
         self._lost: dict[str, Request] = {}  # requests whose copy failed: to be recomputed (`take_lost`)
         self._planned: list[Copy] = []  # not yet handed to the copy engine
         self._copy_ids = itertools.count()
+        self._writing_through: set[int] = set()  # write-through copies in flight
+        self._held_memo: dict[bytes, list[tuple[str, int]]] = {}  # `_held`'s answers while the tiers' names stay
+        self._held_versions = (-1, -1)
 
     @property
     def num_blocks(self) -> int:
@@ -177,11 +182,23 @@ class KVManager:
         for i in range(request.num_named_blocks, full):
             self.device.name(request.block_ids[i], names[i])
         request.num_named_blocks = max(request.num_named_blocks, full)
-        if self.write_through != "off":
-            limit = full if self.write_through == "all" else min(full, request.num_prompt_tokens // self.block_size)
-            if limit > request.num_written_through:
-                self._copy_to_host(request, range(request.num_written_through, limit))
-                request.num_written_through = limit
+        end = self._write_through_end(request, full)
+        if end > request.num_written_through:
+            handle = self._copy_to_host(request, range(request.num_written_through, end))
+            if handle is not None:
+                self._writing_through.add(handle)
+            request.num_written_through = end
+
+    def _write_through_end(self, request: Request, full: int) -> int:
+        """How many of the request's first blocks (`full` of them complete) write-through wants on the host now."""
+        if self.write_through == "spare":  # into free host blocks (none evicts history), once the last copy is done
+            planned = {copy.copy_id for copy in self._planned}
+            if any(copy_id not in planned for copy_id in self._writing_through):
+                return request.num_written_through
+            return min(full, request.num_written_through + self.host.allocator.num_free)
+        if self.write_through == "prompt":
+            return min(full, request.num_prompt_tokens // self.block_size)
+        return full if self.write_through == "all" else 0
 
     # -- pausing and resuming ------------------------------------------------------------------
 
@@ -268,7 +285,19 @@ class KVManager:
             self.host.drop(pinned)
 
     def _held(self, names: list[bytes]) -> list[tuple[str, int]]:
-        """Where each block of the longest prefix of `names` that some tier holds is: ("device" | "host", block)."""
+        """Where each block of the longest prefix of `names` that some tier holds is: ("device" | "host", block).
+
+        A paused request's prefix is looked up several times an iteration (is it lost, what to pin, what to
+        copy), so the answer is kept until either tier's names change; a name stands for its whole prefix."""
+        versions = (self.device.version, self.host.version)
+        if versions != self._held_versions:
+            self._held_memo, self._held_versions = {}, versions
+        key = names[-1] if names else b""
+        if key not in self._held_memo:
+            self._held_memo[key] = self._walk(names)
+        return list(self._held_memo[key])
+
+    def _walk(self, names: list[bytes]) -> list[tuple[str, int]]:
         held = []
         for name in names:
             block, where = self.device.find(name), "device"
@@ -488,6 +517,7 @@ class KVManager:
 
     def _end(self, copy_id: int, ok: bool) -> None:
         owner = self._owners.pop(copy_id, None)
+        self._writing_through.discard(copy_id)
         if copy_id not in self._pending:
             return
         if not ok:

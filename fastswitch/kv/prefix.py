@@ -42,6 +42,7 @@ class BlockCache:
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, least recent first
         self.ghosts: OrderedDict[bytes, None] = OrderedDict()  # names of the latest evicted blocks, oldest first
         self.evictions = self.regrets = 0.0  # evicted blocks, and those wanted again; halved every window
+        self.version = 0  # changes whenever a name is added or evicted: lookups by name made before may differ
 
     @property
     def num_available(self) -> int:
@@ -77,6 +78,7 @@ class BlockCache:
         """Make a block findable by name (the first block with a name keeps it)."""
         if name not in self.by_name and block not in self.name_of:
             self.by_name[name], self.name_of[block] = block, name
+            self.version += 1
 
     def find(self, name: bytes) -> int | None:
         return self.by_name.get(name)
@@ -87,6 +89,7 @@ class BlockCache:
             self.before_evict(block)
             name = self.name_of.pop(block)
             del self.by_name[name]
+            self.version += 1
             self.allocator.free([block])
             if self.ghost_pools:
                 self._remember(name)
