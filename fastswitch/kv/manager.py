@@ -192,8 +192,7 @@ class KVManager:
     def _write_through_end(self, request: Request, full: int) -> int:
         """How many of the request's first blocks (`full` of them complete) write-through wants on the host now."""
         if self.write_through == "spare":  # into free host blocks (none evicts history), once the last copy is done
-            planned = {copy.copy_id for copy in self._planned}
-            if any(copy_id not in planned for copy_id in self._writing_through):
+            if self._writing_through and self._writing_through - {copy.copy_id for copy in self._planned}:
                 return request.num_written_through
             return min(full, request.num_written_through + self.host.allocator.num_free)
         if self.write_through == "prompt":
