@@ -185,6 +185,19 @@ def test_a_paused_request_whose_history_is_lost_restarts_as_a_recomputed_one():
     assert scheduled["swap"] == scheduled["recompute"] == [("r", 0, 17)]
 
 
+def test_a_resumed_request_whose_kv_is_back_at_once_runs_in_the_iteration_that_resumes_it():
+    """As a request readmitted after recomputation runs its first chunk at once."""
+    s = tiered_scheduler("swap", host_blocks=64)
+    s.add(request("r", prompt_len=10))
+    step(s)
+    r = s.running[0]
+    s.preempt(r)
+    s.kv.drain()
+    out = step(s)
+    assert r.status == Status.RUNNING and r.resumed_iteration == s.iteration
+    assert [(x.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled] == [("r", 10, 1)]
+
+
 def test_the_pause_that_makes_room_for_a_resume_does_not_evict_the_resumed_requests_history_from_the_host():
     """On a full host, the preempted request's copy would evict the oldest cached blocks: here, those of the
     paused request it makes room for. That one gets its history back; the victim's is what does not fit."""
@@ -200,7 +213,8 @@ def test_the_pause_that_makes_room_for_a_resume_does_not_evict_the_resumed_reque
     r.priority = 0
     out = step(s)
     assert names(out.preempted_ids) == ["v"]
-    assert r.status == Status.RUNNING and r.num_computed_tokens == computed  # nothing of it to recompute
+    assert r.status == Status.RUNNING  # nothing of it to recompute: its next token is computed at once
+    assert [(x.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled] == [("r", computed, 1)]
     assert s.kv.stats.recompute_fallbacks == 1  # v's pause: the host had no room for its KV
 
 

@@ -110,11 +110,14 @@ def run_ops(kv: KVManager, ops, recover_lost: bool = False) -> list[Request]:
             if n % 3:  # else resumed while its pause may still be copying it out (the tiered path allows it)
                 settle(kv, r)
             copied, taken = kv.stats.swap_in_blocks, kv.stats.resume_device_blocks
-            resumed = kv.swap_in(r)
+            resumed = kv.swap_in(r, n if n % 2 else 0)  # with or without its first chunk
             if resumed is not None:
-                r.status, r.num_computed_tokens = Status.RUNNING, resumed
+                (r.num_computed_tokens, chunk), r.status = resumed, Status.RUNNING
                 flush(kv)  # a resume copies exactly the blocks the device no longer caches
-                assert kv.stats.swap_in_blocks - copied == len(r.block_ids) - (kv.stats.resume_device_blocks - taken)
+                back = -(-r.num_computed_tokens // BLOCK)
+                assert kv.stats.swap_in_blocks - copied == back - (kv.stats.resume_device_blocks - taken)
+                assert len(r.block_ids) == (-(-(r.num_computed_tokens + chunk) // BLOCK) if chunk else back)
+                compute(kv, r, chunk)
         elif op == "free":
             kv.release(r)
             requests[i] = new_life(r.request_id, n % 3)
@@ -307,6 +310,31 @@ def test_a_pause_trade_prices_the_history_a_partial_block_would_evict_by_how_oft
         assert kv.pause_trade(r) == (2, 2, displaced)  # the partial block out and back, or its 2 tokens
 
 
+def test_a_resume_whose_kv_is_back_at_once_takes_room_for_its_first_chunk_as_admit_does():
+    """It runs in the iteration that resumes it, or does not resume yet. One whose KV is still to be copied in
+    does not hold room for a chunk it cannot run before that copy lands."""
+    for asynchronous in (False, True):
+        kv = make_kv("fastswitch", 8, 16, prefix_caching=True, asynchronous=asynchronous)
+        r = Request("r", list(range(17)), SamplingParams(max_tokens=8), 0.0)
+        kv.grow(r, 16)
+        compute(kv, r, 16)  # 4 full blocks: the 17th token needs a fifth
+        assert kv.swap_out(r)
+        settle(kv, r)
+        if asynchronous:
+            kv.device.evict(len(kv.device.lru))  # its KV only on the host: a copy in, not made inline
+        other = Request("o", [99] * 17, SamplingParams(max_tokens=8), 0.0)
+        kv.grow(other, 16)
+        compute(kv, other, 16)  # the device's other 4 blocks
+        available = kv.device.num_available
+        if not asynchronous:  # r's blocks, cached, are all the device has left: none for its next token
+            assert kv.swap_in(r, budget=1) is None and not r.block_ids and kv.device.num_available == available
+            kv.release(other)
+        expected = (16, 0) if asynchronous else (16, 1)  # (tokens back, first chunk)
+        assert kv.swap_in(r, budget=1) == expected and len(r.block_ids) == 4 + expected[1]
+        settle(kv, r)
+        assert torch.equal(read(kv, r), torch.stack([kv_of(t) for t in range(16)]))
+
+
 def test_a_resume_does_not_wait_for_its_pause_to_reach_the_host():
     kv = make_kv("fastswitch", 16, 16, prefix_caching=True)
     r = Request("r", list(range(40)), SamplingParams(max_tokens=8), 0.0)
@@ -318,9 +346,10 @@ def test_a_resume_does_not_wait_for_its_pause_to_reach_the_host():
     flush(kv)
     assert not kv.ready(r) and kv.resumable(r)
     copied = kv.stats.swap_in_blocks
-    r.num_computed_tokens = kv.swap_in(r)
+    r.num_computed_tokens, chunk = kv.swap_in(r, budget=8)
     assert r.num_computed_tokens == 7 * BLOCK  # the full blocks back from the device cache; the partial one recomputed
-    assert kv.stats.swap_in_blocks == copied and r.block_ids == before[:7] and kv.ready(r)
+    assert kv.stats.swap_in_blocks == copied and r.block_ids[:7] == before[:7] and kv.ready(r)
+    assert chunk == 8 and len(r.block_ids) == 9  # and, as nothing was copied, its first chunk's blocks at once
     assert torch.equal(read(kv, r), torch.stack([kv_of(t) for t in range(28)]))
     gate.result()
     kv.drain()

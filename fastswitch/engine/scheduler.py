@@ -6,9 +6,11 @@ ranking, best first, each request gets what it needs to make progress:
 - a running request gets its next chunk (its tokens without KV, capped by the iteration's token
   budget): the prompt or a chunk of it, then one token per decode. Decodes are served before prefill
   chunks, so a long prompt never stalls running requests' next tokens;
-- a paused request is resumed (its KV copied back; it runs once the copy has landed; on the tiered
-  path its pause's own copy to the host need not have landed first), or, if a full block of its KV
-  is in neither tier any more, started again as a request preempted by recomputation is;
+- a paused request is resumed (its KV copied back; it runs in the same iteration if its KV is back
+  at once, as a request readmitted after recomputation runs its first chunk at once, else once the
+  copy has landed; on the tiered path its pause's own copy to the host need not have landed first),
+  or, if a full block of its KV is in neither tier any more, started again as a request preempted
+  by recomputation is;
 - a waiting request is started after whatever prefix of it is cached.
 
 When a request does not fit the KV memory or the sequence cap, running requests ranked below it are
@@ -258,18 +260,21 @@ class Scheduler:
 
     def _resume(self, request: Request, rank, taken, out) -> bool:
         """Bring a paused request back, making room if it outranks running ones; False if it does not fit."""
-        resumed: list[int | None] = [None]
+        resumed: list[tuple[int, int] | None] = [None]
 
         def fits() -> bool:
             if self._has_seat():
-                resumed[0] = self.kv.swap_in(request)
+                resumed[0] = self.kv.swap_in(request, self._budget)
             return resumed[0] is not None
 
         with self.kv.holding(request):
             if not self._make_room(request, fits, rank, taken, out):
                 return False
-        request.num_computed_tokens = resumed[0]  # less than before if part of its KV was lost: recomputed
+        # fewer tokens than before if part of its KV was lost: they are recomputed
+        request.num_computed_tokens, chunk = resumed[0]
         self._start_running(request)
+        if chunk:  # its KV is back at once: it runs now, as a readmitted request runs its first chunk
+            self._run(request, chunk, out, taken)
         return True
 
     def preempt(self, request: Request, mode: str | None = None) -> None:

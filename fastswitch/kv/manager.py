@@ -141,10 +141,7 @@ class KVManager:
             self.stats.resume_device_blocks += len(on_device)
             self.stats.resume_recomputed_tokens += max(request.computed_at_pause - reused, 0)
             request.computed_at_pause = 0
-        if not self.ready(request):
-            return reused, 0
-        self._grow_to(request, reused + n)
-        return reused, n
+        return reused, self._first_chunk(request, reused, n)
 
     def cached_prefix_tokens(self, request: Request) -> int:
         """Tokens of a waiting request's prefix that admitting it now would reuse (device and host)."""
@@ -244,24 +241,38 @@ class KVManager:
         request.host_tokens, request.swap = request.num_computed_tokens, handle
         return True
 
-    def swap_in(self, request: Request) -> int | None:
-        """Resume a paused request: start bringing its KV back. Returns the tokens whose KV it gets back (the
-        scheduler's new `num_computed_tokens`; the tiered path may recompute a lost tail), or None, changing
-        nothing, if it cannot be resumed yet (`resumable`) or device blocks are short."""
+    def swap_in(self, request: Request, budget: int = 0) -> tuple[int, int] | None:
+        """Resume a paused request: start bringing its KV back. If it is back at once (nothing to copy, or copies
+        made inline), the request also gets the blocks for its first chunk (at most `budget` tokens), as `admit`
+        gives a waiting request, and resumes only if they are free (tiered path; otherwise it gets them if free).
+
+        Returns (tokens whose KV it gets back: the scheduler's new `num_computed_tokens`, less if the tiered
+        path recomputes a lost tail; tokens to compute this iteration), or None, changing nothing, if it cannot
+        be resumed yet (`resumable`) or device blocks are short."""
         if not self.resumable(request):
             return None
         if self.tiered:
-            return self._resume(request)
-        n_blocks = -(-request.num_computed_tokens // self.block_size)
+            return self._resume(request, budget)
+        computed = request.num_computed_tokens
+        n_blocks = -(-computed // self.block_size)
         if n_blocks > self.device.num_available:
             return None
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
-                                                 expected=self._expected_blocks(request, request.num_computed_tokens))
+                                                 expected=self._expected_blocks(request, computed))
         request.swap = self._plan("in", plan_copies(request.host_block_ids[:n_blocks], request.block_ids), request)
         self._time_swap(request, request.swap)
         if not self.reuse:
             self._release_host(request, request.swap)
-        return request.num_computed_tokens
+        return computed, self._first_chunk(request, computed, min(request.num_tokens - computed, budget))
+
+    def _first_chunk(self, request: Request, tokens: int, n: int) -> int:
+        """The blocks for a started or resumed request's first n tokens after its first `tokens`, if its KV is
+        there and the blocks are free; the tokens it computes this iteration."""
+        if not self.ready(request) or -(-(tokens + n) // self.block_size) - len(request.block_ids) > \
+                self.device.num_available:
+            return 0
+        self._grow_to(request, tokens + n)
+        return n
 
     def lost_history(self, request: Request) -> bool:
         """Whether a paused request's KV has a full block that neither tier holds any more (tiered path): resuming
@@ -366,7 +377,7 @@ class KVManager:
         request.swap = handle
         return True
 
-    def _resume(self, request: Request) -> int | None:
+    def _resume(self, request: Request, budget: int) -> tuple[int, int] | None:
         """Take back the blocks the device still caches, copy in what only the host has, and leave the rest
         (from the first block neither tier holds) to be recomputed. A pause whose copy to the host is still in
         flight does not hold the resume back: its full blocks are still cached on the device (evicting one
@@ -380,13 +391,16 @@ class KVManager:
             source.append(("host", request.host_block_ids[0]))  # the partial block, the request's own
         cached = [b for where, b in source if where == "device"]
         to_copy = [j for j, (where, _) in enumerate(source) if where == "host"]
-        if len(to_copy) + sum(b in self.device.lru for b in cached) > self.device.num_available:
+        tokens = min(computed, len(source) * self.block_size)
+        n = min(request.num_tokens - tokens, budget)
+        at_once = not to_copy or self.swapper.synchronous(len(to_copy))  # its KV back before this step
+        chunk_blocks = max(0, -(-(tokens + n) // self.block_size) - len(source)) if at_once else 0
+        if len(to_copy) + chunk_blocks + sum(b in self.device.lru for b in cached) > self.device.num_available:
             return None
         self.device.take(cached)
         host_sources = [source[j][1] for j in to_copy]
         self.host.take(host_sources)  # pinned while they are read
         after = source[to_copy[0] - 1][1] if to_copy and to_copy[0] else None
-        tokens = min(computed, len(source) * self.block_size)
         fresh = self.device.allocate(len(to_copy), owner=request.request_id, after=after,
                                      expected=self._expected_blocks(request, tokens))
         blocks = dict(enumerate(b for _, b in source)) | dict(zip(to_copy, fresh))
@@ -400,7 +414,7 @@ class KVManager:
         request.num_named_blocks = request.num_written_through = min(len(source), full)
         self.stats.resume_device_blocks += len(cached)
         self.stats.resume_recomputed_tokens += computed - tokens
-        return tokens
+        return tokens, self._first_chunk(request, tokens, n)
 
     # -- finishing -----------------------------------------------------------------------------
 
