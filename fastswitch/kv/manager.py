@@ -242,9 +242,9 @@ class KVManager:
         return True
 
     def swap_in(self, request: Request, budget: int = 0) -> tuple[int, int] | None:
-        """Resume a paused request: start bringing its KV back. If it is back at once (nothing to copy, or copies
-        made inline), the request also gets the blocks for its first chunk (at most `budget` tokens), as `admit`
-        gives a waiting request, and resumes only if they are free (tiered path; otherwise it gets them if free).
+        """Resume a paused request: start bringing its KV back. One whose KV is back at once (nothing to copy, or
+        copies made inline) also gets the blocks for its first chunk (at most `budget` tokens), as `admit` gives
+        a waiting request: on the tiered path it does not resume without them; otherwise, if they are free.
 
         Returns (tokens whose KV it gets back: the scheduler's new `num_computed_tokens`, less if the tiered
         path recomputes a lost tail; tokens to compute this iteration), or None, changing nothing, if it cannot
