@@ -88,13 +88,13 @@ class KVManager:
     def num_blocks(self) -> int:
         return self.device.allocator.num_blocks
 
-    def blocks_needed(self, request: Request, n: int) -> int:
-        """Device blocks `request` must add to hold n more tokens."""
-        return -(-(request.num_computed_tokens + n) // self.block_size) - len(request.block_ids)
+    def blocks_needed(self, request: Request, tokens: int) -> int:
+        """Device blocks `request` must add to hold the KV of its first `tokens` tokens."""
+        return -(-tokens // self.block_size) - len(request.block_ids)
 
     def can_grow(self, request: Request, n: int) -> bool:
         """Whether the blocks are available, settling copies that are about to release some if needed."""
-        need = self.blocks_needed(request, n)
+        need = self.blocks_needed(request, request.num_computed_tokens + n)
         while need > self.device.num_available and self._pending:
             self._settle(next(iter(self._pending)))
         return need <= self.device.num_available
@@ -268,8 +268,7 @@ class KVManager:
     def _first_chunk(self, request: Request, tokens: int, n: int) -> int:
         """The blocks for a started or resumed request's first n tokens after its first `tokens`, if its KV is
         there and the blocks are free; the tokens it computes this iteration."""
-        if not self.ready(request) or -(-(tokens + n) // self.block_size) - len(request.block_ids) > \
-                self.device.num_available:
+        if not self.ready(request) or self.blocks_needed(request, tokens + n) > self.device.num_available:
             return 0
         self._grow_to(request, tokens + n)
         return n
@@ -577,7 +576,7 @@ class KVManager:
         return request.block_names
 
     def _grow_to(self, request: Request, tokens: int) -> None:
-        need = -(-tokens // self.block_size) - len(request.block_ids)
+        need = self.blocks_needed(request, tokens)
         if need <= 0:  # most decode steps: the last block has room
             return
         request.block_ids += self.device.allocate(
