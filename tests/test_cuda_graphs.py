@@ -28,6 +28,9 @@ def test_a_padded_decode_step_attends_and_writes_as_the_step_does(data):
     width = max(map(len, batch.block_tables)) + data.draw(st.integers(0, 3), label="spare columns")
     inputs = StaticDecodeInputs(size + data.draw(st.integers(0, 4)), width, batch.block_size, scratch,
                                 torch.device("cpu"))
+    step = TritonAttention(torch.device("cpu"))
+    # split or not alike for both (the interpreter runs each of a split decode's 16 programs per row)
+    inputs.split_below = step.split_below = data.draw(st.sampled_from([0, 1 << 20]), label="split below")
     inputs.block_table.random_(0, scratch)  # what an earlier, larger step left behind
     inputs.seq_lens.random_(1, 40)
     ids = data.draw(st.lists(st.integers(0, 99), min_size=n, max_size=n))
@@ -41,8 +44,7 @@ def test_a_padded_decode_step_attends_and_writes_as_the_step_does(data):
     padded_pool, step_pool = pool.clone(), pool.clone()
     got = inputs.metadata(size).attend(pad(q), pad(k), pad(v), padded_pool[:, layer, 0], padded_pool[:, layer, 1],
                                        q.shape[-1] ** -0.5)
-    want = TritonAttention(torch.device("cpu")).prepare(batch).attend(q, k, v, step_pool[:, layer, 0],
-                                                                       step_pool[:, layer, 1], q.shape[-1] ** -0.5)
+    want = step.prepare(batch).attend(q, k, v, step_pool[:, layer, 0], step_pool[:, layer, 1], q.shape[-1] ** -0.5)
     assert torch.equal(got[:n], want)
     assert torch.equal(padded_pool[:scratch], step_pool[:scratch])  # padding wrote to the scratch block alone
     assert torch.isfinite(got).all()
