@@ -73,6 +73,20 @@ def test_memory_pressure_preempts_no_more_than_needed():
     assert "urgent" in names(out.scheduled)
 
 
+def test_a_request_that_would_not_fit_with_every_victim_paused_pauses_none():
+    s = make_scheduler(num_blocks=16, max_num_seqs=8, budget=256)
+    for i, p in enumerate([1, 2, 3, 4]):
+        s.add(request(f"p{p}", prompt_len=14, priority=p, arrival=i))  # 4 blocks each: the pool is full
+    step(s)
+    s.add(request("big", prompt_len=60, priority=2, arrival=9))  # 15 blocks; only p3's and p4's 8 are below it
+    out = step(s)
+    assert out.preempted_ids == [] and names(out.scheduled) == ["p1", "p2", "p3", "p4"]
+    s.abort("p1")
+    s.abort("p2")  # 8 blocks free: pausing p3 and p4 makes the 15
+    out = step(s)
+    assert names(out.preempted_ids) == ["p3", "p4"] and names(out.scheduled) == ["big"]
+
+
 def test_a_just_resumed_request_is_not_preempted_again_within_the_guard():
     s = make_scheduler(max_num_seqs=1, guard=3)
     b = request("b", priority=2)

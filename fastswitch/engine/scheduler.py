@@ -18,13 +18,14 @@ preempted, lowest first, only as many as needed (even one given its decode earli
 iteration), except those resumed within the last `thrash_guard` iterations and those the policy
 guards (`slo`: resumed too few seconds ago); meanwhile the host keeps the history of the request
 room is made for (`KVManager.holding`), so the victims' copies to the host do not evict it. A
-paused or waiting request that still does not fit blocks everyone ranked below it from starting,
-so a large high-ranked request is not starved by small ones. Preemption is by swap (KV to the
-host), by recomputation (KV dropped), or `auto`: whichever is cheaper, from the measured copy
-bandwidth and prefill speed (`CostModel`), for what the two would do differently
-(`KVManager.pause_trade`, which includes the cached history a swap's host block would evict,
-priced at how often the host's evictions are wanted again). A request whose KV is still being
-copied in is not preempted.
+paused or waiting request that would not fit even with every such victim paused pauses none
+(`KVManager.freed_by`: their work would be thrown away for nothing), and one that does not fit
+blocks everyone ranked below it from starting, so a large high-ranked request is not starved by
+small ones. Preemption is by swap (KV to the host), by recomputation (KV dropped), or `auto`:
+whichever is cheaper, from the measured copy bandwidth and prefill speed (`CostModel`), for what
+the two would do differently (`KVManager.pause_trade`, which includes the cached history a swap's
+host block would evict, priced at how often the host's evictions are wanted again). A request
+whose KV is still being copied in is not preempted.
 
 `schedule()` returns the step as plain data (`SchedulerOutput`: who computes how many tokens, with
 which blocks, and the copies to make first); `update_from_output()` takes the sampled tokens back
@@ -367,7 +368,8 @@ class Scheduler:
 
     def _make_room(self, request: Request, fits: Callable[[], bool], rank: dict[int, int], taken: set[int],
                    out: _Plan, growing: bool = False) -> bool:
-        """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left.
+        """Preempt running requests ranked below `request`, lowest first, until `fits()`; False if none is left,
+        or (unless it is growing) if pausing all that are left would still not make room.
 
         A running request that must grow may preempt below it whatever the policy's margin says (memory
         has to come from someone, and waiting for it stalls everyone), and if it is the lowest-ranked
@@ -376,6 +378,8 @@ class Scheduler:
             lower = [r for r in self.running if rank[id(r)] > rank[id(request)]]
             victims = [r for r in lower if self._unguarded(r, request) and self.kv.ready(r)
                        and (growing or self.policy.preempts(request, r))]
+            if not growing and self._has_seat() and self.kv.freed_by(victims) < self.kv.short_by:
+                return False  # pausing them all would still not make room: pause nobody for nothing
             if not victims:
                 if growing and not lower and self._unguarded(request, request):
                     self._take_back(request, taken, out)

@@ -27,6 +27,7 @@ released only once that copy is done; a name is published only once the KV behin
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -83,6 +84,7 @@ class KVManager:
         self._writing_through: set[int] = set()  # write-through copies in flight
         self._held_memo: dict[bytes, list[tuple[str, int]]] = {}  # `_held`'s answers while the tiers' names stay
         self._held_versions = (-1, -1)
+        self.short_by = 0  # device blocks the last admit, resume or growth that did not fit lacked
 
     @property
     def num_blocks(self) -> int:
@@ -97,7 +99,18 @@ class KVManager:
         need = self.blocks_needed(request, request.num_computed_tokens + n)
         while need > self.device.num_available and self._pending:
             self._settle(next(iter(self._pending)))
-        return need <= self.device.num_available
+        return self._fits(need)
+
+    def _fits(self, need: int) -> bool:
+        """Whether `need` device blocks are available; if not, remember how many are short (`short_by`)."""
+        self.short_by = max(0, need - self.device.num_available)
+        return not self.short_by
+
+    def freed_by(self, requests: list[Request]) -> int:
+        """Device blocks that pausing all these requests would give back (some only once a copy reading them
+        lands): those no other request holds."""
+        held = Counter(b for r in requests for b in r.block_ids)
+        return sum(self.device.refs.get(b) == n for b, n in held.items())
 
     def grow(self, request: Request, n: int) -> None:
         self._grow_to(request, request.num_computed_tokens + n)
@@ -122,7 +135,7 @@ class KVManager:
         reused = (len(on_device) + len(on_host)) * self.block_size
         n = min(request.num_tokens - reused, budget)
         new_blocks = -(-(reused + n) // self.block_size) - len(on_device)
-        if new_blocks > self.device.num_available - sum(b in self.device.lru for b in on_device):
+        if not self._fits(new_blocks + sum(b in self.device.lru for b in on_device)):
             return None
         self.device.take(on_device)
         request.block_ids = list(on_device)
@@ -250,12 +263,13 @@ class KVManager:
         path recomputes a lost tail; tokens to compute this iteration), or None, changing nothing, if it cannot
         be resumed yet (`resumable`) or device blocks are short."""
         if not self.resumable(request):
+            self.short_by = 0
             return None
         if self.tiered:
             return self._resume(request, budget)
         computed = request.num_computed_tokens
         n_blocks = -(-computed // self.block_size)
-        if n_blocks > self.device.num_available:
+        if not self._fits(n_blocks):
             return None
         request.block_ids = self.device.allocate(n_blocks, owner=request.request_id,
                                                  expected=self._expected_blocks(request, computed))
@@ -394,7 +408,7 @@ class KVManager:
         n = min(request.num_tokens - tokens, budget)
         at_once = not to_copy or self.swapper.synchronous(len(to_copy))  # its KV back before this step
         chunk_blocks = max(0, -(-(tokens + n) // self.block_size) - len(source)) if at_once else 0
-        if len(to_copy) + chunk_blocks + sum(b in self.device.lru for b in cached) > self.device.num_available:
+        if not self._fits(len(to_copy) + chunk_blocks + sum(b in self.device.lru for b in cached)):
             return None
         self.device.take(cached)
         host_sources = [source[j][1] for j in to_copy]
